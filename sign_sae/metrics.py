@@ -1,0 +1,108 @@
+"""Sign-aware SAE metrics. Every count uses ``!= 0``: a latent that fires only negative is alive.
+
+Definitions (also in docs/metrics.md):
+- L0: mean over tokens of the number of latents with f != 0.
+- dead fraction: share of latents with f == 0 on every token of the window seen.
+- explained variance (R^2): 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean taken over
+  the same tokens (not over the batch axis of each step, and not around zero).
+- per latent: n+ / n- = tokens with f > 0 / f < 0; mass+ / mass- = sum of |f| over them;
+  balance = min(n+, n-) / (n+ + n-) (0 for a latent that never fires).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def l0(feature_acts: torch.Tensor) -> float:
+    """Mean number of non-zero latents (either sign) per token."""
+    return (feature_acts != 0).reshape(-1, feature_acts.shape[-1]).sum(-1).float().mean().item()
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """R^2 around the mean of x over all tokens given."""
+    stats = ReconstructionStats()
+    stats.update(x, x_hat)
+    return stats.explained_variance
+
+
+def balance(n_pos: torch.Tensor, n_neg: torch.Tensor) -> torch.Tensor:
+    """min(n+, n-) / (n+ + n-) per latent; 0 where the latent never fired."""
+    total = n_pos + n_neg
+    return torch.where(total > 0, torch.minimum(n_pos, n_neg) / total.clamp(min=1), 0.0)
+
+
+@dataclass
+class LatentStats:
+    """Streaming per-latent firing counts and |activation| mass by sign (float64 sums)."""
+
+    d_sae: int
+    n_tokens: int = 0
+    n_pos: torch.Tensor = field(init=False)
+    n_neg: torch.Tensor = field(init=False)
+    mass_pos: torch.Tensor = field(init=False)
+    mass_neg: torch.Tensor = field(init=False)
+    active_sum: int = 0  # total number of (token, latent) firings, for L0
+
+    def __post_init__(self) -> None:
+        zeros = lambda: torch.zeros(self.d_sae, dtype=torch.float64)  # noqa: E731
+        self.n_pos, self.n_neg, self.mass_pos, self.mass_neg = zeros(), zeros(), zeros(), zeros()
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor) -> None:
+        f = feature_acts.detach().reshape(-1, self.d_sae).to(torch.float64).cpu()
+        pos, neg = f > 0, f < 0
+        self.n_tokens += f.shape[0]
+        self.n_pos += pos.sum(0)
+        self.n_neg += neg.sum(0)
+        self.mass_pos += (f * pos).sum(0)
+        self.mass_neg -= (f * neg).sum(0)
+        self.active_sum += int((f != 0).sum())
+
+    @property
+    def l0(self) -> float:
+        return self.active_sum / max(self.n_tokens, 1)
+
+    @property
+    def alive(self) -> torch.Tensor:
+        return (self.n_pos + self.n_neg) != 0
+
+    @property
+    def dead_fraction(self) -> float:
+        return 1.0 - self.alive.double().mean().item()
+
+    @property
+    def balance(self) -> torch.Tensor:
+        return balance(self.n_pos, self.n_neg)
+
+
+@dataclass
+class ReconstructionStats:
+    """Streaming sums for MSE and explained variance around the mean (float64)."""
+
+    n_tokens: int = 0
+    sq_error: float = 0.0
+    sum_x: torch.Tensor | None = None
+    sum_sq_x: float = 0.0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        x_hat = x_hat.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        self.n_tokens += x.shape[0]
+        self.sq_error += (x - x_hat).pow(2).sum().item()
+        self.sum_sq_x += x.pow(2).sum().item()
+        s = x.sum(0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+
+    @property
+    def mse(self) -> float:
+        """Mean over tokens of ||x - x_hat||^2 (summed over the feature axis)."""
+        return self.sq_error / max(self.n_tokens, 1)
+
+    @property
+    def explained_variance(self) -> float:
+        if self.sum_x is None:
+            return float("nan")
+        total = self.sum_sq_x - self.sum_x.pow(2).sum().item() / self.n_tokens
+        return 1.0 - self.sq_error / total if total > 0 else float("nan")

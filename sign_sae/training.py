@@ -1,0 +1,251 @@
+"""The training loop around any SAELens ``TrainingSAE``: schedules, checkpoints, exact resume.
+
+The SAE stays an SAELens TrainingSAE (SA-GSAE or a baseline) and is stepped through its own
+``training_forward_pass``. Batches are a pure function of the step (``TensorBatches``), the
+step itself is deterministic, and checkpoints hold the SAE, Adam's state and the loop's
+counters, so a resumed run ends with the same weights as an uninterrupted one.
+
+Inputs are scaled by one scalar so that E||x||^2 = d_in; the factor is folded into the SAE
+when training ends (``fold_activation_norm_scaling_factor``), so the saved SAE takes raw
+activations.
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from sae_lens import TrainingSAE
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+from tqdm.auto import tqdm
+
+from sign_sae.storage import read_weights, write_folder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every architecture (Adam, as in SAELens)."""
+
+    total_steps: int = 1000
+    batch_size: int = 4096
+    lr: float = 1e-3
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0  # linear decay to lr_end over the last lr_decay_steps
+    lr_end: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    normalize: bool = True  # scale inputs to E||x||^2 = d_in; folded back at the end
+    dead_window_tokens: int = 1_000_000  # for dead-latent masks (TopK aux loss)
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+
+
+class BatchSource(Protocol):
+    """Anything that returns the training batch for a given step (deterministically)."""
+
+    def batch(self, step: int) -> torch.Tensor: ...
+
+
+class TensorBatches:
+    """Shuffled batches from an in-memory [n, d] tensor; batch k is a pure function of (k, seed)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0):
+        if data.ndim != 2 or data.shape[0] < batch_size:
+            raise ValueError(
+                f"Need a [n, d] tensor with n >= batch_size={batch_size}, got {tuple(data.shape)}."
+            )
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = data.shape[0] // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.data.shape[0], generator=g)
+        idx = self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+        return self.data[idx].float()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_s: float
+    scaling_factor: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    lr = cfg.lr
+    if cfg.lr_warm_up_steps and step < cfg.lr_warm_up_steps:
+        return lr * (step + 1) / cfg.lr_warm_up_steps
+    decay_start = cfg.total_steps - cfg.lr_decay_steps
+    if cfg.lr_decay_steps and step >= decay_start:
+        frac = (step - decay_start + 1) / cfg.lr_decay_steps
+        return lr + (cfg.lr_end - lr) * frac
+    return lr
+
+
+def _coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:
+    out = {}
+    for name, c in sae.get_coefficients().items():
+        if isinstance(c, TrainCoefficientConfig):
+            warm = min(1.0, (step + 1) / c.warm_up_steps) if c.warm_up_steps else 1.0
+            out[name] = c.value * warm
+        else:
+            out[name] = float(c)
+    return out
+
+
+def estimate_scaling_factor(data: BatchSource, d_in: int, n_batches: int = 8) -> float:
+    """sqrt(d_in / E||x||^2) over the first batches of the source."""
+    sq = [data.batch(i).pow(2).sum(-1).mean() for i in range(n_batches)]
+    return math.sqrt(d_in / torch.stack(sq).mean().item())
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Adam's state as flat tensors (safetensors) plus its JSON-able param groups."""
+    sd = opt.state_dict()
+    flat = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return flat, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], groups) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def train(
+    sae: TrainingSAE,
+    data: BatchSource,
+    cfg: TrainConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``sae`` in place for ``cfg.total_steps`` and fold the input scaling back into it.
+
+    With ``run_dir``, an atomic checkpoint is written every ``cfg.checkpoint_every`` steps and
+    at the end; ``resume=True`` continues from it (same weights as an uninterrupted run).
+    """
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    d_sae = sae.cfg.d_sae
+    tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
+    start, history, wall_before = 0, [], 0.0
+    scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize else 1.0
+    ckpt = run_dir / CHECKPOINT if run_dir is not None else None
+    if resume and ckpt is not None and (ckpt / "trainer.json").exists():
+        state = json.loads((ckpt / "trainer.json").read_text())
+        sae.load_state_dict(read_weights(ckpt / "sae_weights.safetensors"))
+        opt_flat = read_weights(ckpt / "optimizer.safetensors")
+        tokens_since_fired = opt_flat.pop("trainer.tokens_since_fired")
+        _load_optimizer(opt, opt_flat, state["param_groups"])
+        start, history, scale = state["step"], state["history"], state["scaling_factor"]
+        wall_before = state["wall_s"]
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    def save_checkpoint(step: int, wall: float) -> None:
+        flat, groups = _optimizer_tensors(opt)
+        flat["trainer.tokens_since_fired"] = tokens_since_fired
+        trainer = {
+            "step": step,
+            "scaling_factor": scale,
+            "wall_s": wall,
+            "history": history,
+            "param_groups": groups,
+            "train_config": asdict(cfg),
+        }
+        write_folder(
+            ckpt,
+            {
+                "sae_weights.safetensors": sae.state_dict(),
+                "cfg.json": sae.cfg.to_dict(),
+                "optimizer.safetensors": flat,
+                "trainer.json": trainer,
+            },
+        )
+
+    t0 = time.perf_counter()
+    sae.train()
+    bar = tqdm(range(start, cfg.total_steps), disable=not progress, desc="train", leave=False)
+    for step in bar:
+        x = data.batch(step)
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"Step {step}: the batch holds {bad} NaN/Inf activation(s). Rebuild the "
+                "activation cache or drop the bad rows."
+            )
+        x = x.to(sae.device, sae.dtype) * scale
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients=_coefficients(sae, step),
+                dead_neuron_mask=(tokens_since_fired >= cfg.dead_window_tokens).to(sae.device),
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"Step {step}: the loss is {out.loss.item()}; lower the learning rate or check "
+                "the inputs."
+            )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            fired = (out.feature_acts != 0).any(0).cpu()
+            tokens_since_fired += x.shape[0]
+            tokens_since_fired[fired] = 0
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.total_steps:
+            row = _log_row(done, out, x)
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
+            log.debug("step %d %s", done, row)
+        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            save_checkpoint(done, wall_before + time.perf_counter() - t0)
+    wall = wall_before + time.perf_counter() - t0
+    if ckpt is not None:
+        save_checkpoint(cfg.total_steps, wall)
+    sae.eval()
+    if scale != 1.0:
+        sae.fold_activation_norm_scaling_factor(scale)
+    return TrainResult(cfg.total_steps, wall, scale, history)
+
+
+@torch.no_grad()
+def _log_row(step: int, out: Any, x: torch.Tensor) -> dict[str, float]:
+    resid = (out.sae_out - x).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    row = {"step": step, "loss": out.loss.item()}
+    row.update({k: v.item() for k, v in out.losses.items()})
+    row["l0"] = (out.feature_acts != 0).sum(-1).float().mean().item()
+    row["r2"] = 1.0 - (resid / total).item()
+    return row

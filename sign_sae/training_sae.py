@@ -1,0 +1,300 @@
+"""SA-GSAE for training: a two-sided gate and a signed magnitude on one shared encoder product.
+
+With x' = x - b_dec and p = x' W_enc (computed once per step):
+
+    pi  = p + b_gate                                    gate pre-activation
+    g+  = H(pi - theta+),   g- = H(-pi - theta-)        theta+/- >= 0, so at most one is open
+    m+  = exp(r+) p + b_mag+,   m- = exp(r-) p + b_mag-  (tied default: r+ = r-, b_mag+ = b_mag-)
+    f   = g+ ReLU(m+) - g- ReLU(-m-)
+    loss = ||x - x_hat||^2 + sparsity + aux_coefficient ||x - (W_dec u + b_dec)||^2
+    u   = ReLU(pi - theta+) - ReLU(-pi - theta-)
+
+Sparsity is on the gate only: ``gated_l1`` = lambda sum_i ||d_i|| (ReLU(pi - theta+) +
+ReLU(-pi - theta-)); ``l0_ste`` = lambda sum_i (g+ + g-) with rectangle-kernel straight-through
+gradients to the thresholds (then the gates in f also pass those gradients). ``aux_decoder``
+treats the decoder the same way in the aux term and in the penalty's norms: ``live`` (as
+SAELens's Gated SAE) or ``frozen`` (stop-gradient in both). Latents that have not fired for
+``dead_reset_tokens`` tokens get their thresholds reset to ``threshold_init``.
+See docs/method.md for every choice and why.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from sae_lens import TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from torch import nn
+from torch.nn import functional as F
+from typing_extensions import override
+
+from sign_sae.activation import step
+from sign_sae.sae import ARCHITECTURE, check_input, save_sae_folder, validate_dims
+from sign_sae.storage import check_cfg_fields
+
+Sparsity = Literal["gated_l1", "l0_ste"]
+AuxDecoder = Literal["live", "frozen"]
+
+
+@dataclass(kw_only=True)
+class SAGSAETrainingSAEConfig(TrainingSAEConfig):
+    """Training config; every reading METHOD.md leaves open is a switch. Defaults = recommended."""
+
+    tied: bool = True
+    two_sided: bool = True
+    sparsity: Sparsity = "gated_l1"
+    sparsity_coefficient: float = 1.0
+    sparsity_warm_up_steps: int = 0
+    aux_coefficient: float = 1.0
+    aux_decoder: AuxDecoder = "live"
+    threshold_init: float = 1e-3
+    bandwidth: float = 1e-3
+    dead_reset_tokens: int = 1_000_000
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "SAGSAETrainingSAEConfig":
+        """Strict: unknown or wrongly typed fields are an error, not silently dropped."""
+        check_cfg_fields(config_dict, cls)
+        return super().from_dict(config_dict)
+
+    def __post_init__(self) -> None:
+        validate_dims(self.d_in, self.d_sae)
+        choices = {"sparsity": ("gated_l1", "l0_ste"), "aux_decoder": ("live", "frozen")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("sparsity_coefficient", "aux_coefficient", "threshold_init"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}.")
+        super().__post_init__()
+
+
+class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
+    """Trainable SA-GSAE; ``save_inference_model`` folds it into ``sign_sae.SAGSAE``."""
+
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
+    r_mag_neg: nn.Parameter
+    b_mag_neg: nn.Parameter
+    threshold_pos: nn.Parameter
+    threshold_neg: nn.Parameter
+    tokens_since_fired: torch.Tensor
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        cfg = self.cfg
+
+        def vec(value: float) -> nn.Parameter:
+            return nn.Parameter(
+                torch.full((cfg.d_sae,), value, dtype=self.dtype, device=self.device)
+            )
+
+        self.b_gate, self.r_mag, self.b_mag = vec(0.0), vec(0.0), vec(0.0)
+        self.threshold_pos = vec(cfg.threshold_init)
+        if cfg.two_sided:
+            self.threshold_neg = vec(cfg.threshold_init)
+            if not cfg.tied:
+                self.r_mag_neg, self.b_mag_neg = vec(0.0), vec(0.0)
+        # Persistent so that checkpoints resume the dead-latent clock exactly.
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
+        )
+
+    # ---- forward -------------------------------------------------------------------------
+    @override
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_input(sae_in, self.cfg.d_in, self.cfg.metadata.hook_name)
+        return super().process_sae_in(sae_in)
+
+    def _gate(self, pi: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        if self.cfg.sparsity == "l0_ste":
+            return step(pi, threshold, self.cfg.bandwidth)
+        return (pi > threshold).to(pi)
+
+    def _features(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(signed features f, positive magnitude pre-activation m+, gate pre-activation pi)."""
+        cfg = self.cfg
+        pi = p + self.b_gate
+        m_pos = self.hook_sae_acts_pre(p * self.r_mag.exp() + self.b_mag)
+        f = self._gate(pi, self.threshold_pos) * F.relu(m_pos)
+        if cfg.two_sided:
+            m_neg = m_pos if cfg.tied else p * self.r_mag_neg.exp() + self.b_mag_neg
+            f = f - self._gate(-pi, self.threshold_neg) * F.relu(-m_neg)
+        return self.hook_sae_acts_post(f), m_pos, pi
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, m_pos, _ = self._features(self.process_sae_in(x) @ self.W_enc)
+        return f, m_pos
+
+    # ---- losses --------------------------------------------------------------------------
+    def _gate_losses(
+        self, pi: torch.Tensor, target: torch.Tensor, coefficient: float
+    ) -> dict[str, torch.Tensor]:
+        """Sparsity on the gate and the auxiliary reconstruction from the gate path alone."""
+        cfg = self.cfg
+        frozen = cfg.aux_decoder == "frozen"
+        W_dec = self.W_dec.detach() if frozen else self.W_dec
+        b_dec = self.b_dec.detach() if frozen else self.b_dec
+        u = F.relu(pi - self.threshold_pos)
+        if cfg.two_sided:
+            u_neg = F.relu(-pi - self.threshold_neg)
+        if cfg.sparsity == "gated_l1":
+            mass = u + u_neg if cfg.two_sided else u
+            sparsity = (mass * W_dec.norm(dim=1)).sum(-1).mean()
+        else:
+            opened = self._gate(pi, self.threshold_pos)
+            if cfg.two_sided:
+                opened = opened + self._gate(-pi, self.threshold_neg)
+            sparsity = opened.sum(-1).mean()
+        losses = {"sparsity_loss": coefficient * sparsity}
+        if cfg.aux_coefficient > 0:
+            signed_u = u - u_neg if cfg.two_sided else u
+            aux = (signed_u @ W_dec + b_dec - target).pow(2).sum(-1).mean()
+            losses["auxiliary_reconstruction_loss"] = cfg.aux_coefficient * aux
+        return losses
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        pi = self.process_sae_in(step_input.sae_in) @ self.W_enc + self.b_gate
+        return self._gate_losses(pi, step_input.sae_in, step_input.coefficients["sparsity"])
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One shared encoder product feeds the gate, both magnitudes and the aux path."""
+        n_resets = self._constrain_and_reset()
+        sae_in = step_input.sae_in
+        f, m_pos, pi = self._features(self.process_sae_in(sae_in) @ self.W_enc)
+        sae_out = self.decode(f)
+        mse = (sae_out - sae_in).pow(2).sum(-1).mean()
+        losses = {"mse_loss": mse}
+        losses.update(self._gate_losses(pi, sae_in, step_input.coefficients["sparsity"]))
+        self._update_dead_clock(f)
+        return TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=f,
+            hidden_pre=m_pos,
+            loss=sum(losses.values()),
+            losses=losses,
+            metrics={"threshold_resets": n_resets},
+        )
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {
+            "sparsity": TrainCoefficientConfig(
+                value=self.cfg.sparsity_coefficient,
+                warm_up_steps=self.cfg.sparsity_warm_up_steps,
+            )
+        }
+
+    # ---- constraints and dead-latent resets ----------------------------------------------
+    def _thresholds(self) -> list[nn.Parameter]:
+        return [self.threshold_pos] + ([self.threshold_neg] if self.cfg.two_sided else [])
+
+    @torch.no_grad()
+    def _clamp_thresholds(self) -> None:
+        for t in self._thresholds():
+            t.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def _constrain_and_reset(self) -> int:
+        """Clamp thresholds to >= 0 and reset those of latents dead for a full window."""
+        self._clamp_thresholds()
+        window = self.cfg.dead_reset_tokens
+        if window <= 0:
+            return 0
+        dead = self.tokens_since_fired >= window
+        n_dead = int(dead.sum())
+        if n_dead:
+            for t in self._thresholds():
+                t[dead] = self.cfg.threshold_init
+            self.tokens_since_fired[dead] = 0
+        return n_dead
+
+    @torch.no_grad()
+    def _update_dead_clock(self, feature_acts: torch.Tensor) -> None:
+        fired = (feature_acts != 0).reshape(-1, self.cfg.d_sae).any(0)
+        self.tokens_since_fired.add_(feature_acts.reshape(-1, self.cfg.d_sae).shape[0])
+        self.tokens_since_fired[fired] = 0
+
+    # ---- folding and export --------------------------------------------------------------
+    def _encoder_vectors(self) -> list[nn.Parameter]:
+        """Per-latent parameters on the scale of p (they scale with W_enc's columns)."""
+        vecs = [self.b_gate, self.b_mag, *self._thresholds()]
+        if self.cfg.two_sided and not self.cfg.tied:
+            vecs.append(self.b_mag_neg)
+        return vecs
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        norms = self.fold_and_get_W_dec_norm()
+        for v in self._encoder_vectors():
+            v.mul_(norms)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+        if not self.cfg.apply_b_dec_to_input:
+            shift = mean.to(self.W_enc) @ self.W_enc  # p picks up -shift; bias terms absorb it
+            self.b_gate.sub_(shift)
+            self.b_mag.sub_(shift * self.r_mag.exp())
+            if self.cfg.two_sided and not self.cfg.tied:
+                self.b_mag_neg.sub_(shift * self.r_mag_neg.exp())
+
+    @torch.no_grad()
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The folded Bi-Jump-ReLU parameters of ``sign_sae.SAGSAE`` (same function)."""
+        self._clamp_thresholds()
+        scale = self.r_mag.exp()
+        state = {
+            "W_enc": self.W_enc * scale,
+            "b_enc": self.b_mag.clone(),
+            "W_dec": self.W_dec.clone(),
+            "b_dec": self.b_dec.clone(),
+            # pi > theta+  <=>  m+ > exp(r)(theta+ - b_gate) + b_mag; ReLU adds m+ > 0.
+            "threshold_pos": (scale * (self.threshold_pos - self.b_gate) + self.b_mag).clamp(min=0),
+        }
+        if self.cfg.two_sided:
+            scale_neg = scale if self.cfg.tied else self.r_mag_neg.exp()
+            b_neg = self.b_mag if self.cfg.tied else self.b_mag_neg
+            # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.
+            state["threshold_neg"] = (scale_neg * (self.threshold_neg + self.b_gate) - b_neg).clamp(
+                min=0
+            )
+            if not self.cfg.tied:
+                state["scale_neg"] = scale_neg / scale
+                state["b_enc_neg"] = b_neg.clone()
+        return state
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save a training checkpoint (all parameters and the dead-latent clock), atomically."""
+        return save_sae_folder(path, self.state_dict(), self.cfg.to_dict())
+
+    @override
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save the folded inference SAE (``sign_sae.SAGSAE``) in SAELens's format, atomically."""
+        return save_sae_folder(
+            path, self.inference_state_dict(), self.cfg.get_inference_sae_cfg_dict()
+        )

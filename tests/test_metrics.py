@@ -1,0 +1,42 @@
+"""Sign-aware metrics: negative-only latents are alive; R^2 is around the mean."""
+
+import pytest
+import torch
+
+from sign_sae.metrics import LatentStats, ReconstructionStats, balance, explained_variance, l0
+
+
+def test_negative_only_latent_is_alive_and_counted():
+    f = torch.tensor([[0.0, -1.0, 2.0], [0.0, -0.5, 0.0]])
+    stats = LatentStats(3)
+    stats.update(f)
+    assert l0(f) == pytest.approx(1.5)
+    assert stats.l0 == pytest.approx(1.5)
+    assert stats.alive.tolist() == [False, True, True]
+    assert stats.dead_fraction == pytest.approx(1 / 3)
+    assert stats.n_neg.tolist() == [0, 2, 0]
+    assert stats.mass_neg.tolist() == [0, 1.5, 0]
+    assert stats.balance.tolist() == [0, 0, 0]
+
+
+def test_balance_of_bipolar_latent():
+    assert balance(torch.tensor([5.0, 0.0]), torch.tensor([5.0, 0.0])).tolist() == [0.5, 0.0]
+
+
+def test_explained_variance_is_around_the_mean():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=g) + 10.0  # a large mean
+    x_hat = x.mean(0, keepdim=True).expand_as(x)  # predicting the mean explains nothing
+    assert explained_variance(x, x_hat) == pytest.approx(0.0, abs=1e-9)
+    assert explained_variance(x, x) == pytest.approx(1.0)
+
+
+def test_streaming_equals_one_shot():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    s = ReconstructionStats()
+    for a, b in zip(x.split(70), x_hat.split(70), strict=True):
+        s.update(a, b)
+    assert s.explained_variance == pytest.approx(explained_variance(x, x_hat), rel=1e-12)
+    assert s.mse == pytest.approx((x - x_hat).pow(2).sum(-1).mean().item(), rel=1e-9)
