@@ -1,0 +1,359 @@
+"""Activations read from TransformerLens hooks in one forward pass, cached on disk.
+
+`harvest` runs the model once per batch for all requested hooks, stops after the deepest hooked
+block, and writes each hook's activations as rows `[token, d_in]` into its own folder:
+
+    out_dir/<hook>/shard_00000.safetensors ... metadata.json
+
+`metadata.json` is written last and carries `"complete": true`, so a folder without it is an
+interrupted harvest. A complete folder whose model, hook, token fingerprint, dtype and BOS
+handling match the request is reused without running the model; anything else is rebuilt.
+`ActivationCache` reads a folder back, checking its structure on open and finiteness on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sign_sae.models import validate_hook
+from sign_sae.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A cached folder is reused only when these metadata entries equal the request.
+MATCH_KEYS = ("model_name", "hook", "tokens_sha256", "dtype", "exclude_bos")
+
+_TENSOR_KEY = "acts"
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SHARD_FILE = "shard_{:05d}.safetensors"
+_SHARD_PATTERN = re.compile(r"^shard_\d{5}\.safetensors$")
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+_REBUILD = "run harvest() again to rebuild it, or delete the folder"
+
+
+class InvalidCacheError(ValueError):
+    """A folder that is not a complete, readable activation cache."""
+
+
+class ActivationCache:
+    """One hook's cached activations: `n_tokens` rows of width `d_in`, in safetensors shards."""
+
+    def __init__(self, path: Path, metadata: dict[str, Any]):
+        self.path = Path(path)
+        self._metadata = metadata
+
+    @classmethod
+    def open(cls, path: Path | str) -> ActivationCache:
+        """Open a cache folder, checking metadata and every shard header (not the values)."""
+        path = Path(path)
+        meta_path = path / METADATA_FILE
+        if not meta_path.is_file():
+            raise InvalidCacheError(
+                f"{path} is not an activation cache: no {METADATA_FILE}. Create one with harvest()."
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InvalidCacheError(f"{meta_path} is not valid JSON ({e}); {_REBUILD}.") from e
+        if not isinstance(meta, dict) or meta.get("complete") is not True:
+            raise InvalidCacheError(f"{path} is an incomplete activation cache; {_REBUILD}.")
+        cache = cls(path, meta)
+        cache._check_shards()
+        return cache
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of `metadata.json`."""
+        return dict(self._metadata)
+
+    @property
+    def hook(self) -> str:
+        return self._metadata["hook"]
+
+    @property
+    def d_in(self) -> int:
+        return self._metadata["d_in"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self._metadata["n_tokens"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype; `load` and `iter_batches` convert from it."""
+        return DTYPES[self._metadata["dtype"]]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s["file"] for s in self._metadata["shards"]]
+
+    def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All activations as one `[n_tokens, d_in]` tensor of `dtype`."""
+        return self._stored().to(dtype)
+
+    def iter_batches(
+        self, batch_size: int, seed: int, drop_last: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """One epoch of float32 batches `[batch_size, d_in]` in an order fixed by `seed`.
+
+        The whole cache is held in memory in its storage dtype and shuffled globally.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if drop_last and batch_size > self.n_tokens:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {self.n_tokens} cached tokens, so "
+                "drop_last=True would yield nothing; use a smaller batch or drop_last=False."
+            )
+        data = self._stored()
+        order = torch.randperm(self.n_tokens, generator=torch.Generator().manual_seed(seed))
+        stop = self.n_tokens - self.n_tokens % batch_size if drop_last else self.n_tokens
+        for start in range(0, stop, batch_size):
+            yield data[order[start : start + batch_size]].float()
+
+    def _stored(self) -> torch.Tensor:
+        """All shards concatenated, in the storage dtype, checked for NaN and Inf."""
+        return torch.cat([self._read_shard(p) for p in self.shard_paths])
+
+    def _read_shard(self, path: Path) -> torch.Tensor:
+        try:
+            acts = load_file(path)[_TENSOR_KEY]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise InvalidCacheError(f"Shard {path} is unreadable ({e}); {_REBUILD}.") from e
+        bad = acts.numel() - int(torch.isfinite(acts).sum())
+        if bad:
+            raise ValueError(
+                f"{bad} non-finite values (NaN/Inf) in {path}. Delete {self.path} and harvest "
+                "again; if they come back the model itself overflows: store float32 or bfloat16 "
+                "(float16 saturates above 65504) or exclude the BOS position."
+            )
+        return acts
+
+    def _check_shards(self) -> None:
+        """Raise InvalidCacheError unless shard files, shapes and dtypes match the metadata."""
+        meta = self._metadata
+        try:
+            shards, d_in, n_tokens = meta["shards"], meta["d_in"], meta["n_tokens"]
+            dtype_name = meta["dtype"]
+            if meta["n_shards"] != len(shards) or dtype_name not in DTYPES:
+                raise ValueError("inconsistent n_shards or dtype")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidCacheError(
+                f"{self.path}/{METADATA_FILE} is malformed ({e}); {_REBUILD}."
+            ) from e
+        on_disk = {p.name for p in self.path.iterdir() if _SHARD_PATTERN.match(p.name)}
+        listed = {s["file"] for s in shards}
+        if on_disk != listed:
+            missing, extra = sorted(listed - on_disk), sorted(on_disk - listed)
+            raise InvalidCacheError(
+                f"{self.path} does not match its metadata: {len(missing)} shard(s) missing "
+                f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}; {_REBUILD}."
+            )
+        for shard in shards:
+            path = self.path / shard["file"]
+            try:
+                with safe_open(path, framework="pt") as f:
+                    tensor = f.get_slice(_TENSOR_KEY)
+                    shape, dtype = tensor.get_shape(), tensor.get_dtype()
+            except (SafetensorError, OSError, KeyError) as e:
+                raise InvalidCacheError(f"Shard {path} is unreadable ({e}); {_REBUILD}.") from e
+            if shape != [shard["n_tokens"], d_in] or _SAFETENSORS_DTYPES.get(dtype) != dtype_name:
+                raise InvalidCacheError(
+                    f"Shard {path} has shape {shape} and dtype {dtype}, expected "
+                    f"{[shard['n_tokens'], d_in]} {dtype_name}; {_REBUILD}."
+                )
+        if sum(s["n_tokens"] for s in shards) != n_tokens:
+            raise InvalidCacheError(f"Shards of {self.path} do not add up to {n_tokens} tokens.")
+
+
+def harvest(
+    model: Any,
+    tokens: torch.Tensor,
+    hooks: list[str],
+    out_dir: Path,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    exclude_bos: bool = True,
+    shard_tokens: int = 2**18,
+    model_name: str | None = None,
+) -> dict[str, ActivationCache]:
+    """Cache the activations of `hooks` for `tokens` `[n_seq, context_size]` under `out_dir`.
+
+    All hooks come from one forward pass per batch, which stops after the deepest hooked block.
+    Rows are (sequence, position) pairs flattened in order; `exclude_bos` drops position 0 of every
+    row (the BOS token, an attention sink whose activations are outliers). Returns one
+    `ActivationCache` per hook, reused from disk when a complete matching cache exists.
+    """
+    hooks = list(hooks)
+    if not hooks or len(set(hooks)) != len(hooks):
+        raise ValueError(f"hooks must be a non-empty list without repeats, got {hooks}.")
+    for hook in hooks:
+        validate_hook(model, hook)
+    if tokens.ndim != 2 or tokens.dtype != torch.long:
+        raise ValueError(
+            f"tokens must be an int64 tensor [n_seq, context_size], got {tuple(tokens.shape)} "
+            f"{tokens.dtype}; make one with sign_sae.corpus.tokenize()."
+        )
+    if exclude_bos and tokens.shape[1] < 2:
+        raise ValueError("exclude_bos=True needs context_size >= 2.")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"Unsupported storage dtype {dtype}; use one of {sorted(DTYPES)}.")
+    if batch_size < 1 or shard_tokens < 1:
+        raise ValueError("batch_size and shard_tokens must be positive.")
+
+    request = {
+        "model_name": model_name or model.cfg.model_name,
+        "tokens_sha256": fingerprint(tokens),
+        "dtype": str(dtype).removeprefix("torch."),
+        "exclude_bos": exclude_bos,
+    }
+    out_dir = Path(out_dir)
+    caches, todo = {}, []
+    for hook in hooks:
+        cache = _reusable(out_dir / hook, {**request, "hook": hook})
+        if cache is None:
+            todo.append(hook)
+        else:
+            caches[hook] = cache
+    if todo:
+        caches.update(_run(model, tokens, todo, out_dir, request, batch_size, shard_tokens))
+    return {hook: caches[hook] for hook in hooks}
+
+
+def fingerprint(tokens: torch.Tensor) -> str:
+    """sha256 of a token tensor's shape and int64 values."""
+    digest = hashlib.sha256(str(tuple(tokens.shape)).encode())
+    digest.update(tokens.detach().to("cpu", torch.long).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reusable(folder: Path, request: dict[str, Any]) -> ActivationCache | None:
+    """The cache in `folder` when it is complete and matches `request`, else None (logged)."""
+    if not folder.exists():
+        return None
+    try:
+        cache = ActivationCache.open(folder)
+    except InvalidCacheError as e:
+        logger.warning("Rebuilding activation cache: %s", e)
+        return None
+    stale = [k for k in MATCH_KEYS if cache.metadata.get(k) != request[k]]
+    if stale:
+        logger.info("Rebuilding %s: it was made with a different %s", folder, ", ".join(stale))
+        return None
+    logger.info(
+        "Reusing activation cache %s (%d tokens); the model is not run", folder, cache.n_tokens
+    )
+    return cache
+
+
+def _run(
+    model: Any,
+    tokens: torch.Tensor,
+    hooks: list[str],
+    out_dir: Path,
+    request: dict[str, Any],
+    batch_size: int,
+    shard_tokens: int,
+) -> dict[str, ActivationCache]:
+    """Run the model over `tokens` once and write every hook's shards, then its metadata."""
+    dtype, exclude_bos = DTYPES[request["dtype"]], request["exclude_bos"]
+    writers = {h: _ShardWriter(out_dir / h, shard_tokens, dtype) for h in hooks}
+    layers = [_BLOCK_HOOK.match(h) for h in hooks]
+    stop_at_layer = None if None in layers else max(int(m.group(1)) for m in layers) + 1
+    n_seq, context_size = tokens.shape
+    n_tokens = n_seq * (context_size - 1 if exclude_bos else context_size)
+    start_time = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", unit_scale=True) as bar:
+        bar.set_description("harvest")
+        for start in range(0, n_seq, batch_size):
+            batch = tokens[start : start + batch_size].to(model.cfg.device)
+            _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop_at_layer)
+            for hook in hooks:
+                acts = cache[hook]
+                if acts.shape[:2] != batch.shape:
+                    raise ValueError(
+                        f"Hook {hook} gives activations of shape {tuple(acts.shape)}, not "
+                        "(batch, position, ...); harvest only supports per-token hooks."
+                    )
+                if exclude_bos:
+                    acts = acts[:, 1:]
+                writers[hook].add(acts.reshape(-1, math.prod(acts.shape[2:])).to("cpu", dtype))
+            bar.update(batch.shape[0] * (context_size - 1 if exclude_bos else context_size))
+    elapsed = time.perf_counter() - start_time
+    logger.info(
+        "Harvested %d tokens x %d hooks in %.1f s (%.0f tokens/s)",
+        n_tokens,
+        len(hooks),
+        elapsed,
+        n_tokens / max(elapsed, 1e-9),
+    )
+    shared = {**request, "context_size": context_size, "n_sequences": n_seq}
+    return {h: w.finish({**shared, "hook": h}) for h, w in writers.items()}
+
+
+class _ShardWriter:
+    """Buffers rows of one hook and writes full shards atomically; `finish` writes metadata."""
+
+    def __init__(self, folder: Path, shard_tokens: int, dtype: torch.dtype):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.folder, self.shard_tokens, self.dtype = folder, shard_tokens, dtype
+        self.buffer: list[torch.Tensor] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+        self.d_in: int | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        bad = rows.numel() - int(torch.isfinite(rows).sum())
+        if bad:
+            raise ValueError(
+                f"{bad} non-finite activations at {self.folder.name} in {self.dtype}; float16 "
+                "saturates above 65504: store float32 or bfloat16, or exclude the BOS position."
+            )
+        self.d_in = rows.shape[1]
+        self.buffer.append(rows)
+        self.buffered += rows.shape[0]
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def finish(self, metadata: dict[str, Any]) -> ActivationCache:
+        if self.buffered:
+            self._flush(self.buffered)
+        meta = {
+            **metadata,
+            "d_in": self.d_in,
+            "n_tokens": sum(s["n_tokens"] for s in self.shards),
+            "n_shards": len(self.shards),
+            "shard_tokens": self.shard_tokens,
+            "shards": self.shards,
+            "complete": True,
+        }
+        atomic_write_text(self.folder / METADATA_FILE, json.dumps(meta, indent=2))
+        return ActivationCache(self.folder, meta)
+
+    def _flush(self, n_rows: int) -> None:
+        rows = torch.cat(self.buffer)
+        shard, rest = rows[:n_rows].contiguous(), rows[n_rows:].clone()
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+        path = self.folder / _SHARD_FILE.format(len(self.shards))
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({_TENSOR_KEY: shard}, tmp)
+        os.replace(tmp, path)
+        self.shards.append({"file": path.name, "n_tokens": n_rows})
