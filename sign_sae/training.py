@@ -142,20 +142,23 @@ def train(
     run_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train ``sae`` in place for ``cfg.total_steps`` and fold the input scaling back into it.
 
     With ``run_dir``, an atomic checkpoint is written every ``cfg.checkpoint_every`` steps and
     at the end; ``resume=True`` continues from it (same weights as an uninterrupted run).
+    ``stop_at`` pauses early (checkpoint written, scaling NOT folded) so a later call resumes.
     """
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     d_sae = sae.cfg.d_sae
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
     start, history, wall_before = 0, [], 0.0
-    scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize else 1.0
     ckpt = run_dir / CHECKPOINT if run_dir is not None else None
-    if resume and ckpt is not None and (ckpt / "trainer.json").exists():
+    resuming = resume and ckpt is not None and (ckpt / "trainer.json").exists()
+    scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize and not resuming else 1.0
+    if resuming:
         state = json.loads((ckpt / "trainer.json").read_text())
         sae.load_state_dict(read_weights(ckpt / "sae_weights.safetensors"))
         opt_flat = read_weights(ckpt / "optimizer.safetensors")
@@ -188,7 +191,8 @@ def train(
 
     t0 = time.perf_counter()
     sae.train()
-    bar = tqdm(range(start, cfg.total_steps), disable=not progress, desc="train", leave=False)
+    end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+    bar = tqdm(range(start, end), disable=not progress, desc="train", leave=False)
     for step in bar:
         x = data.batch(step)
         if not bool(torch.isfinite(x).all()):
@@ -233,7 +237,9 @@ def train(
             save_checkpoint(done, wall_before + time.perf_counter() - t0)
     wall = wall_before + time.perf_counter() - t0
     if ckpt is not None:
-        save_checkpoint(cfg.total_steps, wall)
+        save_checkpoint(end, wall)
+    if end < cfg.total_steps:
+        return TrainResult(end, wall, scale, history)
     sae.eval()
     if scale != 1.0:
         sae.fold_activation_norm_scaling_factor(scale)
