@@ -1,0 +1,340 @@
+"""Steering dials: does one latent act as a bidirectional causal dial on the model's output?
+
+For each alpha the model runs on the prompts with the SAE's hook edited at every position:
+
+- ``"add"``: x <- x + alpha * scale * u, with u = W_dec[i] / ||W_dec[i]|| (unit decoder direction);
+- ``"clamp"``: the latent is set inside the SAE, spliced with its error term so nothing else
+  changes: x <- x + decode(f') - decode(f), f = encode(x), f' = f with f'_i = alpha * scale /
+  ||W_dec[i]||. Both modes move the hook by alpha * scale along u (add: on top of the latent's own
+  contribution; clamp: replacing it; alpha = 0 in clamp mode ablates the latent).
+
+``scale`` fixes the units of alpha: 1.0 (default) means hook-space norm; ``typical_scale(census,
+sae, i)`` makes alpha = 1 one typical firing of latent i. Measured per alpha, averaged over all
+positions of all prompts: KL(clean || steered) of next-token distributions, the change in
+log-prob of the top tokens the logit lens gives for +u (T+) and -u (T-), effect = shift(T+) -
+shift(T-), and the tokens most promoted / suppressed. The dial score: monotonicity = Spearman
+correlation of alpha and effect; antisymmetry = 1 - sum |e(a) + e(-a)| / sum (|e(a)| + |e(-a)|)
+over alpha > 0 with -alpha also given, effects taken relative to alpha = 0 when it is given.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.logit_lens import direction_logits, token_strings
+from analyses.pairs import matching_pair
+from analyses.polarity import PolarityCensus
+from analyses.results import Result
+from analyses.stream import sae_hook
+
+Mode = Literal["add", "clamp"]
+HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
+# Strings, 1D token tensors, or a [n, seq] token tensor.
+Prompts = Sequence[str | torch.Tensor] | torch.Tensor
+
+
+@dataclass(eq=False)
+class DialPoint(Result):
+    """Measurements at one alpha (log-probs in nats)."""
+
+    alpha: float
+    kl: float
+    shift_pos: float  # mean change in log-prob of the +side tokens T+
+    shift_neg: float  # mean change in log-prob of the -side tokens T-
+    promoted: list[tuple[str, float]]
+    suppressed: list[tuple[str, float]]
+    continuations: list[str]
+
+    @property
+    def effect(self) -> float:
+        return self.shift_pos - self.shift_neg
+
+
+@dataclass(eq=False)
+class Dial(Result):
+    """A steering sweep of one signed latent (``latents = [i]``) or of a pair of non-negative
+    latents (``latents = [a, b]``: +alpha on a, |alpha| on b for alpha < 0)."""
+
+    hook_name: str
+    latents: list[int]
+    mode: str
+    scale: float
+    pos_tokens: list[str]
+    neg_tokens: list[str]
+    points: list[DialPoint]
+    monotonicity: float
+    antisymmetry: float
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "alpha": [p.alpha for p in self.points],
+                "kl": [p.kl for p in self.points],
+                "shift_pos": [p.shift_pos for p in self.points],
+                "shift_neg": [p.shift_neg for p in self.points],
+                "effect": [p.effect for p in self.points],
+            }
+        )
+
+
+@dataclass(eq=False)
+class DialComparison(Result):
+    """The same sweep for one signed latent and for a pair of opposite non-negative latents."""
+
+    signed: Dial
+    paired: Dial
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.concat(
+            {"signed": self.signed.to_dataframe(), "paired": self.paired.to_dataframe()},
+            names=["dial", "row"],
+        )
+
+
+def dial(
+    model: Any,
+    sae: Any,
+    latent: int,
+    alphas: Sequence[float],
+    prompts: Prompts,
+    mode: Mode = "add",
+    max_new_tokens: int = 0,
+    scale: float = 1.0,
+    k_tokens: int = 10,
+) -> Dial:
+    """Steer one latent over ``alphas`` on ``prompts`` (strings, given a BOS token, or token
+    rows; rows of equal length run as one batch) and measure the dial; ``max_new_tokens`` > 0
+    adds greedy continuations."""
+    u = unit_direction(sae, latent)
+    lens = direction_logits(model, u)
+    pos_ids, neg_ids = lens.topk(k_tokens).indices, (-lens).topk(k_tokens).indices
+
+    def steer(alpha: float) -> HookFn:
+        return steering_hook(sae, latent, alpha * scale, mode)
+
+    return _sweep(
+        model,
+        sae_hook(sae),
+        [latent],
+        mode,
+        scale,
+        steer,
+        pos_ids,
+        neg_ids,
+        alphas,
+        prompts,
+        max_new_tokens,
+        k_tokens,
+    )
+
+
+def compare_dial(
+    model: Any,
+    signed_sae: Any,
+    latent: int,
+    gated_sae: Any,
+    pair: tuple[int, int] | None = None,
+    *,
+    alphas: Sequence[float],
+    prompts: Prompts,
+    mode: Mode = "add",
+    max_new_tokens: int = 0,
+    scale: float = 1.0,
+    k_tokens: int = 10,
+) -> DialComparison:
+    """``dial`` for a signed latent and for the pair (a, b) of non-negative latents that best
+    match +d and -d (``pairs.matching_pair`` unless ``pair`` is given): alpha >= 0 steers
+    +alpha on a, alpha < 0 steers +|alpha| on b. The pair's T+ / T- are the logit-lens tokens of
+    d_a / d_b."""
+    signed = dial(model, signed_sae, latent, alphas, prompts, mode, max_new_tokens, scale, k_tokens)
+    a, b = pair if pair is not None else matching_pair(signed_sae, latent, gated_sae)
+
+    def steer(alpha: float) -> HookFn:
+        return steering_hook(gated_sae, a if alpha >= 0 else b, abs(alpha) * scale, mode)
+
+    pos_ids = direction_logits(model, unit_direction(gated_sae, a)).topk(k_tokens).indices
+    neg_ids = direction_logits(model, unit_direction(gated_sae, b)).topk(k_tokens).indices
+    paired = _sweep(
+        model,
+        sae_hook(gated_sae),
+        [a, b],
+        mode,
+        scale,
+        steer,
+        pos_ids,
+        neg_ids,
+        alphas,
+        prompts,
+        max_new_tokens,
+        k_tokens,
+    )
+    return DialComparison(signed, paired)
+
+
+def unit_direction(sae: Any, latent: int) -> torch.Tensor:
+    """W_dec[latent] / ||W_dec[latent]||."""
+    d = sae.W_dec[latent].detach()
+    return d / d.norm().clamp(min=1e-12)
+
+
+def typical_scale(census: PolarityCensus, sae: Any, latent: int) -> float:
+    """Mean |f_i| over the latent's firings times ||W_dec[i]||: the hook-space size of one
+    typical firing, so that alpha = 1 means "as strong as usual"."""
+    n = int(census.n_fired[latent])
+    if n == 0:
+        raise ValueError(f"Latent {latent} never fired in this census; it has no typical scale.")
+    mass = float(census.mass_pos[latent] + census.mass_neg[latent])
+    return mass / n * float(sae.W_dec[latent].detach().norm())
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
+    rx = pd.Series(list(x), dtype=float).rank().to_numpy()
+    ry = pd.Series(list(y), dtype=float).rank().to_numpy()
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def antisymmetry(alphas: Sequence[float], effects: Sequence[float]) -> float:
+    """1 - sum |e(a) + e(-a)| / sum (|e(a)| + |e(-a)|) over a > 0 with -a given; effects relative
+    to e(0) when alpha = 0 is given. 1: perfectly antisymmetric; NaN: nothing to compare."""
+    by_alpha = dict(zip((float(a) for a in alphas), effects, strict=True))
+    base = by_alpha.get(0.0, 0.0)
+    num = den = 0.0
+    for a, e in by_alpha.items():
+        if a > 0 and -a in by_alpha:
+            plus, minus = e - base, by_alpha[-a] - base
+            num += abs(plus + minus)
+            den += abs(plus) + abs(minus)
+    return 1.0 - num / den if den > 0 else float("nan")
+
+
+def steering_hook(sae: Any, latent: int, amount: float, mode: Mode) -> HookFn:
+    """A hook moving the activation by ``amount`` along the latent's unit decoder direction."""
+    if mode == "add":
+        v = amount * unit_direction(sae, latent)
+
+        def add(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            return act + v.to(act).reshape(act.shape[2:])
+
+        return add
+    if mode == "clamp":
+        value = amount / float(sae.W_dec[latent].detach().norm().clamp(min=1e-12))
+
+        def clamp(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            f = sae.encode(act)
+            edited = f.clone()
+            edited[..., latent] = value
+            return act + (sae.decode(edited) - sae.decode(f)).to(act)
+
+        return clamp
+    raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
+
+
+def _sweep(
+    model: Any,
+    hook: str,
+    latents: list[int],
+    mode: Mode,
+    scale: float,
+    steer: Callable[[float], HookFn],
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    alphas: Sequence[float],
+    prompts: Prompts,
+    max_new_tokens: int,
+    k_tokens: int,
+) -> Dial:
+    if mode not in ("add", "clamp"):
+        raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
+    groups = _by_length(_prompt_rows(model, prompts))
+    n_prompts = sum(len(idx) for idx, _ in groups)
+    with torch.inference_mode():
+        clean = _log_probs([model.run_with_hooks(b, fwd_hooks=[]) for _, b in groups])
+        points = []
+        for alpha in alphas:
+            fwd = [(hook, steer(float(alpha)))]
+            logits = [model.run_with_hooks(b, fwd_hooks=fwd) for _, b in groups]
+            steered = _log_probs(logits)
+            kl = (clean.exp() * (clean - steered)).sum(-1).mean().item()
+            shift = (steered - clean).mean(0)
+            up, down = shift.topk(k_tokens), (-shift).topk(k_tokens)
+            texts = [""] * n_prompts if max_new_tokens > 0 else []
+            for (idx, b), lg in zip(groups, logits, strict=True):
+                if max_new_tokens > 0:
+                    for i, text in zip(
+                        idx, _greedy(model, b, lg, max_new_tokens, fwd), strict=True
+                    ):
+                        texts[i] = text
+            points.append(
+                DialPoint(
+                    alpha=float(alpha),
+                    kl=kl,
+                    shift_pos=shift[pos_ids].mean().item(),
+                    shift_neg=shift[neg_ids].mean().item(),
+                    promoted=_scored(model, up.indices, up.values),
+                    suppressed=_scored(model, down.indices, -down.values),
+                    continuations=texts,
+                )
+            )
+    effects = [p.effect for p in points]
+    return Dial(
+        hook_name=hook,
+        latents=latents,
+        mode=mode,
+        scale=scale,
+        pos_tokens=token_strings(model, pos_ids.tolist()),
+        neg_tokens=token_strings(model, neg_ids.tolist()),
+        points=points,
+        monotonicity=spearman([p.alpha for p in points], effects),
+        antisymmetry=antisymmetry([p.alpha for p in points], effects),
+    )
+
+
+def _prompt_rows(model: Any, prompts: Prompts) -> list[torch.Tensor]:
+    """One 1D token tensor per prompt (strings get a BOS token, as corpus.tokenize rows do)."""
+    rows = (
+        list(prompts) if not isinstance(prompts, torch.Tensor) or prompts.ndim == 2 else [prompts]
+    )
+    if not rows:
+        raise ValueError("No prompts given.")
+    return [
+        (model.to_tokens(r, prepend_bos=True)[0] if isinstance(r, str) else r).to(model.cfg.device)
+        for r in rows
+    ]
+
+
+def _by_length(rows: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Prompts of equal length batched together (no padding): (prompt indices, [n, len])."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.numel(), []).append(i)
+    return [(idx, torch.stack([rows[i] for i in idx])) for idx in groups.values()]
+
+
+def _log_probs(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Next-token log-probs ``[all positions of all prompts, d_vocab]``."""
+    return torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in logits]).float().log_softmax(-1)
+
+
+def _scored(model: Any, ids: torch.Tensor, values: torch.Tensor) -> list[tuple[str, float]]:
+    return list(zip(token_strings(model, ids.tolist()), values.tolist(), strict=True))
+
+
+def _greedy(
+    model: Any, batch: torch.Tensor, logits: torch.Tensor, n: int, fwd: list[tuple[str, HookFn]]
+) -> list[str]:
+    """Greedy continuations of ``n`` tokens with the steering hook on; ``logits`` are the steered
+    logits of ``batch`` (they give the first token). No KV cache."""
+    toks = torch.cat([batch, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for _ in range(n - 1):
+        nxt = model.run_with_hooks(toks, fwd_hooks=fwd)[:, -1].argmax(-1, keepdim=True)
+        toks = torch.cat([toks, nxt], dim=1)
+    tok = getattr(model, "tokenizer", None)
+    new = toks[:, batch.shape[1] :].tolist()
+    return [tok.decode(r) if tok is not None else " ".join(map(str, r)) for r in new]
