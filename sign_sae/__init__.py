@@ -13,6 +13,7 @@ from sae_lens.registry import (
 
 from sign_sae.activation import bi_jump_relu
 from sign_sae.sae import ARCHITECTURE, SAGSAE, SAGSAEConfig
+from sign_sae.storage import load_sae
 from sign_sae.training_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 
 
@@ -25,6 +26,7 @@ def register() -> None:
 
 
 register()
+import sign_sae.releases  # noqa: E402, F401  (installs the release loader; idempotent)
 
 __all__ = [
     "ARCHITECTURE",
@@ -33,5 +35,6 @@ __all__ = [
     "SAGSAETrainingSAE",
     "SAGSAETrainingSAEConfig",
     "bi_jump_relu",
+    "load_sae",
     "register",
 ]

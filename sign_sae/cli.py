@@ -42,6 +42,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/<name>/sae")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from sign_sae.export import export_run
+
+    entry = export_run(args.run_dir, args.out_dir, args.release, doubled=args.doubled)
+    print(f"Exported to {args.out_dir}; release entry: {entry}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sign-sae", description="Sign-aware gated sparse autoencoders: train and analyse."
@@ -59,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     d.set_defaults(func=cmd_demo)
+    x = sub.add_parser("export", help="write a run's SAEs as an SAELens release folder")
+    x.add_argument("run_dir", help="a run folder (or one SAE folder)")
+    x.add_argument("out_dir", help="where to write the release (cfg.json, weights, sparsity)")
+    x.add_argument("--release", default=None, help="release name (default: the folder name)")
+    x.add_argument(
+        "--doubled", action="store_true", help="export as non-negative JumpReLU SAEs [D, -D]"
+    )
+    x.set_defaults(func=cmd_export)
     return p
 
 
