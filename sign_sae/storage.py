@@ -149,3 +149,33 @@ def _is_instance(value: Any, expected: type) -> bool:
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)
+
+
+def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> Any:
+    """Load an SAE folder safely: checks before anything is built, clear errors after.
+
+    Refuses pickles, names a corrupt or truncated weights file, an unregistered architecture,
+    and unknown / missing / wrongly typed config fields; then loads through SAELens.
+    """
+    from sae_lens import SAE
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    folder = Path(path)
+    cfg = read_cfg(folder)
+    arch = cfg.get("architecture")
+    if arch not in SAE_CLASS_REGISTRY:
+        raise ValueError(
+            f"{folder}/{SAE_CFG_FILENAME} names architecture {arch!r}, which is not registered "
+            f"with SAELens (known: {sorted(SAE_CLASS_REGISTRY)}). Import the package that "
+            "defines it first (e.g. `import sign_sae`)."
+        )
+    sae_cls, cfg_cls = SAE_CLASS_REGISTRY[arch]
+    check_cfg_fields(cfg, cfg_cls)
+    weights = read_weights(folder / SAE_WEIGHTS_FILENAME)
+    try:
+        return SAE.load_from_disk(folder, device=device, dtype=dtype)
+    except RuntimeError as e:
+        raise ValueError(
+            f"The weights in {folder} do not fit its {arch!r} config ({len(weights)} tensors: "
+            f"{sorted(weights)[:8]}...): {e}"
+        ) from e

@@ -13,6 +13,7 @@ activations.
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +24,12 @@ from sae_lens import TrainingSAE
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
 from tqdm.auto import tqdm
 
-from sign_sae.storage import read_weights, write_folder
+from sign_sae.storage import atomic_write_text, read_weights, write_folder
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+LATEST = "latest"  # a file naming the newest complete step folder under CHECKPOINT
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainConfig:
     normalize: bool = True  # scale inputs to E||x||^2 = d_in; folded back at the end
     dead_window_tokens: int = 1_000_000  # for dead-latent masks (TopK aux loss)
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    skip_nonfinite: bool = False  # drop rows with NaN/Inf (logged) instead of stopping
     log_every: int = 50
     seed: int = 0
 
@@ -120,6 +123,36 @@ def estimate_scaling_factor(data: BatchSource, d_in: int, n_batches: int = 8) ->
     return math.sqrt(d_in / torch.stack(sq).mean().item())
 
 
+def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
+    """The batch, or an error naming the step and count of NaN/Inf values (or, with
+    ``skip``, the batch without the rows that hold them)."""
+    finite = torch.isfinite(x).all(-1)
+    if bool(finite.all()):
+        return x
+    if skip:
+        log.warning("step %d: skipped %d row(s) with NaN/Inf", step, int((~finite).sum()))
+        return x[finite]
+    bad = int((~torch.isfinite(x)).sum())
+    raise ValueError(
+        f"Step {step}: the batch holds {bad} NaN/Inf activation(s). Rebuild the activation "
+        "cache, or set skip_nonfinite to drop such rows."
+    )
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``ckpt_root``, or None."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = ckpt_root / pointer.read_text().strip()
+    if not (folder / "trainer.json").is_file():
+        raise ValueError(
+            f"{pointer} names {folder.name}, which is missing or incomplete; delete "
+            f"{ckpt_root} to restart the run from scratch."
+        )
+    return folder
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Adam's state as flat tensors (safetensors) plus its JSON-able param groups."""
     sd = opt.state_dict()
@@ -155,10 +188,10 @@ def train(
     d_sae = sae.cfg.d_sae
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
     start, history, wall_before = 0, [], 0.0
-    ckpt = run_dir / CHECKPOINT if run_dir is not None else None
-    resuming = resume and ckpt is not None and (ckpt / "trainer.json").exists()
-    scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize and not resuming else 1.0
-    if resuming:
+    ckpt_root = run_dir / CHECKPOINT if run_dir is not None else None
+    ckpt = latest_checkpoint(ckpt_root) if resume and ckpt_root is not None else None
+    scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize and ckpt is None else 1.0
+    if ckpt is not None:
         state = json.loads((ckpt / "trainer.json").read_text())
         sae.load_state_dict(read_weights(ckpt / "sae_weights.safetensors"))
         opt_flat = read_weights(ckpt / "optimizer.safetensors")
@@ -179,8 +212,9 @@ def train(
             "param_groups": groups,
             "train_config": asdict(cfg),
         }
+        name = f"step_{step:09d}"
         write_folder(
-            ckpt,
+            ckpt_root / name,
             {
                 "sae_weights.safetensors": sae.state_dict(),
                 "cfg.json": sae.cfg.to_dict(),
@@ -188,19 +222,18 @@ def train(
                 "trainer.json": trainer,
             },
         )
+        # The pointer moves only once the new folder is complete; then older folders go.
+        atomic_write_text(ckpt_root / LATEST, name)
+        for old in ckpt_root.glob("step_*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
     t0 = time.perf_counter()
     sae.train()
     end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
     bar = tqdm(range(start, end), disable=not progress, desc="train", leave=False)
     for step in bar:
-        x = data.batch(step)
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(
-                f"Step {step}: the batch holds {bad} NaN/Inf activation(s). Rebuild the "
-                "activation cache or drop the bad rows."
-            )
+        x = _finite_rows(data.batch(step), step, cfg.skip_nonfinite)
         x = x.to(sae.device, sae.dtype) * scale
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
@@ -233,10 +266,10 @@ def train(
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
             log.debug("step %d %s", done, row)
-        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+        if ckpt_root is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_checkpoint(done, wall_before + time.perf_counter() - t0)
     wall = wall_before + time.perf_counter() - t0
-    if ckpt is not None:
+    if ckpt_root is not None:
         save_checkpoint(end, wall)
     if end < cfg.total_steps:
         return TrainResult(end, wall, scale, history)
