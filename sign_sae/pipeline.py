@@ -21,9 +21,10 @@ import torch
 import yaml
 from sae_lens import SAE
 
+from sign_sae import distributed
 from sign_sae.architectures import ARCHITECTURES, make_training_sae
 from sign_sae.corpus import load_texts, tokenize
-from sign_sae.evaluate import EvalResult, evaluate
+from sign_sae.evaluate import evaluate_many
 from sign_sae.harvest import DTYPES, harvest
 from sign_sae.models import DEFAULT_MODEL, HOOK_KINDS, hook_name, load_model, mid_layer
 from sign_sae.storage import atomic_write_text
@@ -108,11 +109,15 @@ def resolve_hook(model: Any, cfg: RunConfig) -> str:
     return cfg.hook
 
 
-def prepare(cfg: RunConfig, model: Any | None = None) -> tuple[Any, str, torch.Tensor, torch.Tensor]:
+def prepare(
+    cfg: RunConfig, model: Any | None = None
+) -> tuple[Any, str, torch.Tensor, torch.Tensor]:
     """Load the model, pick the hook and make (train activations, eval tokens)."""
     model = model if model is not None else load_model(cfg.model)
     hook = resolve_hook(model, cfg)
-    train_tokens = tokenize(model, load_texts(cfg.text, "train"), cfg.context_size, cfg.train_tokens)
+    train_tokens = tokenize(
+        model, load_texts(cfg.text, "train"), cfg.context_size, cfg.train_tokens
+    )
     eval_tokens = tokenize(model, load_texts(cfg.text, "eval"), cfg.context_size, cfg.eval_tokens)
     cache = harvest(
         model,
@@ -129,9 +134,13 @@ def prepare(cfg: RunConfig, model: Any | None = None) -> tuple[Any, str, torch.T
 def train_saes(
     cfg: RunConfig, model: Any, hook: str, acts: torch.Tensor, resume: bool = False
 ) -> dict[str, Path]:
-    """Train every SAE of the run (skipping finished ones); returns their SAE folders."""
+    """Train every SAE of the run (skipping finished ones); returns their SAE folders.
+
+    Under ``torchrun`` every rank calls it; the ranks train each SAE together and rank 0 writes.
+    """
     out = Path(cfg.out_dir)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    if distributed.is_main():
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     folders = {}
     for spec in cfg.saes:
         run_dir = out / spec.name
@@ -157,21 +166,22 @@ def train_saes(
         log.info("training %s (%s, width %d)", spec.name, spec.arch, spec.width)
         batches = TensorBatches(acts, cfg.train.batch_size, seed=cfg.train.seed)
         result = train(sae, batches, cfg.train, run_dir=run_dir, resume=resume)
-        sae.save_inference_model(run_dir / "sae")
-        atomic_write_text(run_dir / "train.json", json.dumps(asdict(result), indent=2))
+        if distributed.is_main():
+            sae.save_inference_model(run_dir / "sae")
+            atomic_write_text(run_dir / "train.json", json.dumps(asdict(result), indent=2))
     return folders
 
 
 def evaluate_run(cfg: RunConfig, model: Any, eval_tokens: torch.Tensor) -> list[dict[str, Any]]:
     """Evaluate every trained SAE of the run on held-out tokens; writes results.json."""
     out = Path(cfg.out_dir)
+    saes = [SAE.load_from_disk(out / spec.name / "sae") for spec in cfg.saes]
+    results = evaluate_many(saes, model, eval_tokens, batch_size=cfg.eval_batch_size)
     rows = []
-    for spec in cfg.saes:
-        sae = SAE.load_from_disk(out / spec.name / "sae")
-        res: EvalResult = evaluate(sae, model, eval_tokens, batch_size=cfg.eval_batch_size)
-        train_info = json.loads((out / spec.name / "train.json").read_text())
+    for spec, res in zip(cfg.saes, results, strict=True):
+        info = json.loads((out / spec.name / "train.json").read_text())
         rows.append(
-            {"name": spec.name, **res.to_dict(), "train_s": train_info["wall_s"], "steps": train_info["steps"]}
+            {"name": spec.name, **res.to_dict(), "train_s": info["wall_s"], "steps": info["steps"]}
         )
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
     return rows
@@ -211,5 +221,14 @@ def demo_config(out_dir: str = "runs/demo") -> RunConfig:
             SAESpec("sa_gsae_H", "sa_gsae", width=1152, sparsity=10.0),
             SAESpec("gated_2H", "gated", width=2304, sparsity=10.0),
         ],
-        train=TrainConfig(total_steps=390, batch_size=1024, lr=1e-3, log_every=10),
+        # three epochs of the 200k training tokens, warm-up then linear decay
+        train=TrainConfig(
+            total_steps=585,
+            batch_size=1024,
+            lr=1e-3,
+            lr_warm_up_steps=30,
+            lr_decay_steps=117,
+            checkpoint_every=100,
+            log_every=15,
+        ),
     )

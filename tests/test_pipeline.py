@@ -7,6 +7,7 @@ from sae_lens import SAE
 from sae_lens.saes.gated_sae import GatedSAE
 
 from sign_sae import SAGSAE, cli
+from sign_sae.evaluate import evaluate
 from sign_sae.pipeline import RunConfig, SAESpec, evaluate_run, format_table, prepare, train_saes
 from sign_sae.training import TrainConfig
 
@@ -29,11 +30,11 @@ def run(model, tmp_path_factory):
     model, hook, acts, eval_tokens = prepare(cfg, model=model)
     train_saes(cfg, model, hook, acts)
     rows = evaluate_run(cfg, model, eval_tokens)
-    return cfg, hook, acts, rows
+    return cfg, hook, acts, rows, eval_tokens
 
 
 def test_pipeline_trains_saves_reloads_and_evaluates(run):
-    cfg, hook, acts, rows = run
+    cfg, hook, acts, rows, _ = run
     assert hook == "blocks.15.hook_mlp_out" and acts.shape[1] == 576
     assert acts.shape[0] == 96 * 63  # BOS positions are not harvested
     by_name = {r["name"]: r for r in rows}
@@ -54,10 +55,17 @@ def test_pipeline_trains_saves_reloads_and_evaluates(run):
 
 
 def test_finished_runs_are_skipped(run, caplog):
-    cfg, hook, acts, _ = run
+    cfg, hook, acts, _, _ = run
     with caplog.at_level("INFO"):
         train_saes(cfg, None, hook, acts)
     assert "sa already trained; skipping" in caplog.text
+
+
+def test_shared_forwards_give_the_same_numbers_as_one_sae_at_a_time(run, model):
+    cfg, _, _, rows, eval_tokens = run
+    alone = evaluate(SAE.load_from_disk(f"{cfg.out_dir}/sa/sae"), model, eval_tokens, progress=False)
+    numbers = {k: v for k, v in alone.to_dict().items() if isinstance(v, float)}
+    assert {k: rows[0][k] for k in numbers} == pytest.approx(numbers, rel=1e-6)
 
 
 def test_config_files_round_trip_and_reject_unknown_fields(tmp_path):
