@@ -8,6 +8,12 @@ counters, so a resumed run ends with the same weights as an uninterrupted one.
 Inputs are scaled by one scalar so that E||x||^2 = d_in; the factor is folded into the SAE
 when training ends (``fold_activation_norm_scaling_factor``), so the saved SAE takes raw
 activations.
+
+Under ``torchrun`` the loop is data-parallel (docs/distributed.md): rank r takes rows r::world of
+each global batch, gradients are summed over ranks with weights (local rows / global rows), so
+they equal the 1-process gradient, and are clipped after that. Firing statistics are global too
+(a latent fired if it fired on any rank; clocks count global rows), so the run does not depend
+on the number of ranks. Rank 0 alone writes checkpoints.
 """
 
 import json
@@ -24,6 +30,7 @@ from sae_lens import TrainingSAE
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
 from tqdm.auto import tqdm
 
+from sign_sae import distributed
 from sign_sae.storage import atomic_write_text, read_weights, write_folder
 
 log = logging.getLogger(__name__)
@@ -67,14 +74,22 @@ class BatchSource(Protocol):
 
 
 class TensorBatches:
-    """Shuffled batches from an in-memory [n, d] tensor; batch k is a pure function of (k, seed)."""
+    """Shuffled batches from an in-memory [n, d] tensor; batch k is a pure function of (k, seed).
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0):
+    With ``world`` > 1 it yields rank ``rank``'s share, rows rank::world, of global batch k.
+    """
+
+    def __init__(
+        self, data: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+    ):
         if data.ndim != 2 or data.shape[0] < batch_size:
             raise ValueError(
                 f"Need a [n, d] tensor with n >= batch_size={batch_size}, got {tuple(data.shape)}."
             )
+        if not 0 <= rank < world <= batch_size:
+            raise ValueError(f"Need 0 <= rank < world <= batch_size, got {rank}, {world}.")
         self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world = rank, world
         self.per_epoch = data.shape[0] // batch_size
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -84,7 +99,13 @@ class TensorBatches:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.data.shape[0], generator=g)
         idx = self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+        if self.world > 1:
+            idx = idx[self.rank :: self.world]
         return self.data[idx].float()
+
+    def shard(self, rank: int, world: int) -> "TensorBatches":
+        """The same global batches, seen by rank ``rank`` of ``world``."""
+        return TensorBatches(self.data, self.batch_size, self.seed, rank, world)
 
 
 @dataclass
@@ -182,8 +203,12 @@ def train(
     With ``run_dir``, an atomic checkpoint is written every ``cfg.checkpoint_every`` steps and
     at the end; ``resume=True`` continues from it (same weights as an uninterrupted run).
     ``stop_at`` pauses early (checkpoint written, scaling NOT folded) so a later call resumes.
+    Under ``torchrun`` every rank calls it with the same (global) ``data``, which must have a
+    ``shard(rank, world)`` method like ``TensorBatches``; the result does not depend on the
+    number of ranks, and a checkpoint resumes with any number of them.
     """
     torch.manual_seed(cfg.seed)
+    world = distributed.get_world()
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     d_sae = sae.cfg.d_sae
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
@@ -200,8 +225,13 @@ def train(
         start, history, scale = state["step"], state["history"], state["scaling_factor"]
         wall_before = state["wall_s"]
         log.info("resumed from %s at step %d", ckpt, start)
+    if world > 1:
+        data = _local_share(data, world)
+        _start_together(sae, start)
 
     def save_checkpoint(step: int, wall: float) -> None:
+        if not distributed.is_main():
+            return
         flat, groups = _optimizer_tensors(opt)
         flat["trainer.tokens_since_fired"] = tokens_since_fired
         trainer = {
@@ -231,7 +261,12 @@ def train(
     t0 = time.perf_counter()
     sae.train()
     end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
-    bar = tqdm(range(start, end), disable=not progress, desc="train", leave=False)
+    bar = tqdm(
+        range(start, end),
+        disable=not progress or not distributed.is_main(),
+        desc="train",
+        leave=False,
+    )
     for step in bar:
         x = _finite_rows(data.batch(step), step, cfg.skip_nonfinite)
         x = x.to(sae.device, sae.dtype) * scale
@@ -246,23 +281,22 @@ def train(
                 is_logging_step=False,
             )
         )
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"Step {step}: the loss is {out.loss.item()}; lower the learning rate or check "
-                "the inputs."
-            )
+        if world == 1 and not torch.isfinite(out.loss):
+            raise _loss_error(step, out.loss.item())
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        n_rows, fired = x.shape[0], (out.feature_acts != 0).any(0)
+        if world > 1:
+            n_rows, fired = _reduce_step(sae, out, step)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
-            fired = (out.feature_acts != 0).any(0).cpu()
-            tokens_since_fired += x.shape[0]
-            tokens_since_fired[fired] = 0
+            tokens_since_fired += n_rows
+            tokens_since_fired[fired.cpu()] = 0
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.total_steps:
-            row = _log_row(done, out, x)
+            row = _log_row(done, out, x) if world == 1 else _global_log_row(done, out, x)
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
             log.debug("step %d %s", done, row)
@@ -271,12 +305,100 @@ def train(
     wall = wall_before + time.perf_counter() - t0
     if ckpt_root is not None:
         save_checkpoint(end, wall)
+        distributed.barrier()  # on every rank, the checkpoint exists once train() returns
     if end < cfg.total_steps:
         return TrainResult(end, wall, scale, history)
     sae.eval()
     if scale != 1.0:
         sae.fold_activation_norm_scaling_factor(scale)
     return TrainResult(cfg.total_steps, wall, scale, history)
+
+
+def _loss_error(step: int, loss: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"Step {step}: the loss is {loss}; lower the learning rate or check the inputs."
+    )
+
+
+def _local_share(data: BatchSource, world: int) -> BatchSource:
+    """This rank's share of every global batch."""
+    if not hasattr(data, "shard"):
+        raise TypeError(
+            f"Data-parallel training needs batches with a shard(rank, world) method (as "
+            f"TensorBatches has); {type(data).__name__} has none."
+        )
+    return data.shard(distributed.get_rank(), world)
+
+
+def _start_together(sae: TrainingSAE, start: int) -> None:
+    """Check every rank starts at the same step, then give all of them rank 0's weights."""
+    if not distributed.same_on_all_ranks(start):
+        raise ValueError(
+            "Ranks found different checkpoints to resume from; the run folder must be on a "
+            "file system that every node shares."
+        )
+    distributed.broadcast_tensors(sae.state_dict().values())
+
+
+@torch.no_grad()
+def _reduce_step(sae: TrainingSAE, out: Any, step: int) -> tuple[int, torch.Tensor]:
+    """Make one step global; returns (global rows, fired-on-any-rank mask).
+
+    One all-reduce carries the rows, the loss sum and the per-latent firing counts; a
+    non-finite global loss stops every rank. Gradients become the global-batch gradient. An SAE
+    that keeps its own ``tokens_since_fired`` clock (SA-GSAE) advanced it by the local rows and
+    zeroed locally fired latents in its forward; it is corrected to the global rows and firings.
+    """
+    d_sae = sae.cfg.d_sae
+    acts = out.feature_acts.reshape(-1, d_sae)
+    n_local = acts.shape[0]
+    stats = torch.cat(
+        [
+            torch.tensor([n_local], dtype=torch.float64, device=acts.device),
+            out.loss.detach().double().reshape(1) * n_local,
+            (acts != 0).any(0).double(),
+        ]
+    )
+    distributed.all_reduce_sum(stats)
+    n_rows = int(stats[0])
+    loss = stats[1].item() / n_rows
+    if not math.isfinite(loss):
+        raise _loss_error(step, loss)
+    distributed.reduce_gradients(sae.parameters(), n_local / n_rows)
+    fired = stats[2:] > 0
+    clock = getattr(sae, "tokens_since_fired", None)
+    if isinstance(clock, torch.Tensor):
+        clock.add_(n_rows - n_local)  # latents not fired anywhere: + global rows in all
+        clock[fired.to(clock.device)] = 0
+    return n_rows, fired
+
+
+@torch.no_grad()
+def _global_log_row(step: int, out: Any, x: torch.Tensor) -> dict[str, float]:
+    """``_log_row`` over the global batch (sums over ranks)."""
+    n = x.shape[0]
+    x64 = x.double()
+    sums = torch.cat(
+        [
+            torch.tensor([n], dtype=torch.float64, device=x.device),
+            torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())]).double()
+            * n,
+            (out.sae_out - x).pow(2).sum().double().reshape(1),
+            (out.feature_acts != 0).sum().double().reshape(1),
+            x64.pow(2).sum().reshape(1),
+            x64.sum(0),
+        ]
+    )
+    distributed.all_reduce_sum(sums)
+    n_rows, k = sums[0], len(out.losses)
+    losses = (sums[1 : k + 2] / n_rows).tolist()
+    resid, fired, sq = sums[k + 2 : k + 5].tolist()
+    total = sq - (sums[k + 5 :].pow(2).sum() / n_rows).item()
+    row = {"step": step, "loss": losses[0]}
+    row.update(zip(out.losses, losses[1:], strict=True))
+    row["l0"] = fired / n_rows.item()
+    row["r2"] = 1.0 - resid / total
+    return row
 
 
 @torch.no_grad()
