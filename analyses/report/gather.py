@@ -1,0 +1,306 @@
+"""Gather what a report shows from a run folder: results, parameter tensors, a polarity census per
+SAE on held-out text, and per selected latent its top examples, logit lens and steering dial.
+
+Each hook is read once (one forward pass over the eval tokens to the hook's layer); every SAE on
+that hook is encoded from the same activations.
+"""
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analyses import logit_lens, polarity, steering
+from analyses.pairs import matching_pair
+from analyses.report.layout import Card, Example, Match, Report, SAESection
+from analyses.stream import hook_activations
+from sign_sae.corpus import load_texts, tokenize
+from sign_sae.models import load_model
+from sign_sae.pipeline import RunConfig
+from sign_sae.storage import load_sae
+
+DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
+MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
+WINDOW = (12, 4)  # tokens shown before and after each top activation
+LENS_TOKENS = 8
+
+Latents = Sequence[int] | Mapping[str, Sequence[int]]
+
+
+def collect(
+    run_dir: str | Path,
+    model: Any | None = None,
+    latents: Latents | None = None,
+    n_latents: int = 4,
+    saes: Sequence[str] | None = None,
+    n_tokens: int = 8192,
+    n_examples: int = 8,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    n_prompts: int = 4,
+    prompt_len: int = 32,
+    batch_size: int = 8,
+) -> Report:
+    """The ``Report`` of a run folder (see ``analyses.report.render`` for the arguments)."""
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run folder: no config.json (see `sign-sae train`)."
+        )
+    cfg = RunConfig.load(cfg_path)
+    names = _sae_names(run, cfg, saes)
+    if not 1 <= n_examples <= polarity.MAX_TOP_EXAMPLES:
+        raise ValueError(
+            f"n_examples must be in [1, {polarity.MAX_TOP_EXAMPLES}], got {n_examples}."
+        )
+    if n_latents < 0:
+        raise ValueError(f"n_latents must be >= 0, got {n_latents}.")
+    loaded = {name: load_sae(run / name / "sae") for name in names}
+    hooks = {name: sae.cfg.metadata.hook_name for name, sae in loaded.items()}
+    unhooked = [name for name, hook in hooks.items() if not hook]
+    if unhooked:
+        raise ValueError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
+    model = model if model is not None else load_model(cfg.model)
+    tokens = tokenize(model, load_texts(cfg.text, "eval"), cfg.context_size, n_tokens)
+    acts = {
+        hook: torch.cat(list(hook_activations(model, tokens, hook, batch_size)))
+        for hook in dict.fromkeys(hooks.values())
+    }
+    censuses = {
+        name: polarity.census_from_activations(
+            sae,
+            acts[hooks[name]].split(batch_size),
+            exclude_bos=True,
+            top_examples=n_examples,
+            hook_name=hooks[name],
+        )
+        for name, sae in loaded.items()
+    }
+    signed = {name: int(c.n_neg.sum()) > 0 for name, c in censuses.items()}
+    chosen = _selection(loaded, censuses, hooks, signed, latents, n_latents)
+    prompts = tokens[:n_prompts, :prompt_len]
+    words: dict[int, str] = {}
+    sections = []
+    for name, sae in loaded.items():
+        ids = chosen[name]
+        others = [o for o in loaded if o != name and hooks[o] == hooks[name]]
+        cards = []
+        for i in ids[:MAX_CARDS]:
+            card = _card(
+                model, sae, censuses[name], acts[hooks[name]], tokens, i, alphas, prompts, words
+            )
+            card.matches = [
+                m for o in others for m in _matches(sae, i, signed[name], o, loaded[o], signed[o])
+            ]
+            cards.append(card)
+        sections.append(
+            SAESection(
+                name=name,
+                architecture=sae.cfg.architecture(),
+                hook=hooks[name],
+                d_in=sae.cfg.d_in,
+                d_sae=sae.cfg.d_sae,
+                params=[(n, tuple(p.shape)) for n, p in sae.named_parameters()],
+                census=censuses[name],
+                cards=cards,
+                n_cut=max(len(ids) - MAX_CARDS, 0),
+            )
+        )
+    results = run / "results.json"
+    rows = json.loads(results.read_text()) if results.is_file() else []
+    rows = [r for r in rows if r.get("name") in loaded]
+    facts = [
+        ("model", cfg.model),
+        ("hooks", ", ".join(dict.fromkeys(hooks.values()))),
+        ("held-out text", cfg.text),
+        ("tokens analysed", f"{sections[0].census.n_tokens:,} (BOS excluded)"),
+    ]
+    if alphas:
+        facts.append(("steering prompts", f"{prompts.shape[0]} × {prompts.shape[1]} tokens"))
+    if not rows:
+        facts.append(("results.json", "missing: run `sign-sae eval` for the metrics table"))
+    return Report(
+        title=f"sign-sae report: {run.resolve().name}", facts=facts, rows=rows, saes=sections
+    )
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Result rows from a JSON file (a list of objects, or an object with ``rows``) or a CSV
+    file (numbers parsed; empty cells become None)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            rows: Any = [{k: _cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    else:
+        rows = json.loads(path.read_text())
+        if isinstance(rows, dict):
+            rows = rows.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} must hold a list of result rows (objects with r2, l0, ...).")
+    return rows
+
+
+def _cell(text: str | None) -> Any:
+    """A CSV cell as int, float, text, or None when empty."""
+    if text is None or text.strip() == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _sae_names(run: Path, cfg: RunConfig, wanted: Sequence[str] | None) -> list[str]:
+    trained = [s.name for s in cfg.saes if (run / s.name / "sae" / "cfg.json").is_file()]
+    if wanted is not None:
+        missing = [n for n in wanted if n not in trained]
+        if missing:
+            raise ValueError(f"No trained SAE named {missing} in {run}; trained: {trained}.")
+        trained = list(wanted)
+    if not trained:
+        raise FileNotFoundError(f"{run} holds no trained SAE (<name>/sae/cfg.json); train first.")
+    return trained
+
+
+def _selection(
+    loaded: dict[str, Any],
+    censuses: dict[str, polarity.PolarityCensus],
+    hooks: dict[str, str],
+    signed: dict[str, bool],
+    latents: Latents | None,
+    n_latents: int,
+) -> dict[str, list[int]]:
+    """Latent ids per SAE: as given, else the top ``n_latents`` by minority-sign mass (then
+    total mass). A non-negative SAE beside a signed one on the same hook shows, by default, the
+    latents matching the signed SAE's +d and -d directions, so the two can be read side by side."""
+    given: dict[str, Sequence[int]] = {}
+    if isinstance(latents, Mapping):
+        unknown = sorted(set(latents) - set(loaded))
+        if unknown:
+            raise ValueError(
+                f"latents names unknown SAEs {unknown}; the report has {list(loaded)}."
+            )
+        given = dict(latents)
+    elif latents is not None:
+        given = dict.fromkeys(loaded, latents)
+    chosen: dict[str, list[int]] = {}
+    for name, ids in given.items():
+        d_sae = loaded[name].cfg.d_sae
+        bad = [i for i in ids if not 0 <= int(i) < d_sae]
+        if bad:
+            raise ValueError(f"Latents {bad} are out of range for {name!r} (d_sae = {d_sae}).")
+        chosen[name] = [int(i) for i in dict.fromkeys(ids)]
+    for name in loaded:
+        if name not in chosen and signed[name]:
+            chosen[name] = _top(censuses[name], n_latents)
+    for name in loaded:
+        if name in chosen:
+            continue
+        partner = next((s for s in loaded if signed[s] and hooks[s] == hooks[name]), None)
+        if partner is None:
+            chosen[name] = _top(censuses[name], n_latents)
+            continue
+        pairs = [matching_pair(loaded[partner], i, loaded[name]) for i in chosen[partner]]
+        chosen[name] = list(dict.fromkeys(j for ab in pairs for j in ab))[:n_latents]
+    return chosen
+
+
+def _top(census: polarity.PolarityCensus, n: int) -> list[int]:
+    """Alive latents by minority-sign mass, ties broken by total mass, then id."""
+    total = census.mass_pos + census.mass_neg
+    order = total.argsort(descending=True, stable=True)
+    order = order[census.minority_mass[order].argsort(descending=True, stable=True)]
+    return [int(i) for i in order if census.alive[i]][:n]
+
+
+def _card(
+    model: Any,
+    sae: Any,
+    census: polarity.PolarityCensus,
+    acts: torch.Tensor,
+    tokens: torch.Tensor,
+    latent: int,
+    alphas: Sequence[float],
+    prompts: torch.Tensor,
+    words: dict[int, str],
+) -> Card:
+    """One latent's dashboard: examples of both signs, logit lens, and (with ``alphas``) a
+    steering dial in typical firings of the latent."""
+    notes = []
+    lens = None
+    try:
+        lens = logit_lens.logit_lens(model, sae.W_dec[latent], k=LENS_TOKENS)
+    except ValueError as e:
+        notes.append(f"Logit lens skipped: {e}")
+    dial = None
+    if alphas and int(census.n_fired[latent]) > 0:
+        scale = steering.typical_scale(census, sae, latent)
+        dial = steering.dial(model, sae, latent, alphas, prompts, scale=scale, k_tokens=LENS_TOKENS)
+    elif alphas:
+        notes.append("No steering dial: the latent never fired on these tokens.")
+    return Card(
+        latent=latent,
+        pos=_examples(sae, census.examples(latent, "+"), acts, tokens, latent, model, words),
+        neg=_examples(sae, census.examples(latent, "-"), acts, tokens, latent, model, words),
+        lens=lens,
+        dial=dial,
+        notes=notes,
+    )
+
+
+def _examples(
+    sae: Any,
+    tops: list[tuple[int, int, float]],
+    acts: torch.Tensor,
+    tokens: torch.Tensor,
+    latent: int,
+    model: Any,
+    words: dict[int, str],
+) -> list[Example]:
+    """A window of tokens around each top activation, with the latent's value on each token."""
+    before, after = WINDOW
+    out = []
+    for seq, pos, value in tops:
+        start, end = max(1, pos - before), min(tokens.shape[1], pos + after + 1)
+        with torch.inference_mode():
+            f = sae.encode(acts[seq, start:end].to(sae.device))
+        ids = tokens[seq, start:end].tolist()
+        for t in ids:
+            if t not in words:
+                words[t] = logit_lens.token_strings(model, [t])[0]
+        out.append(
+            Example(
+                seq=seq,
+                pos=pos,
+                value=value,
+                tokens=[words[t] for t in ids],
+                values=[float(v) for v in f[:, latent].float().cpu()],
+            )
+        )
+    return out
+
+
+def _matches(
+    sae: Any, latent: int, signed: bool, other_name: str, other: Any, other_signed: bool
+) -> list[Match]:
+    """The other SAE's latents whose decoder directions best match +d (and -d, for a signed
+    latent). A signed other latent matches with either of its sides."""
+    if other.W_dec.shape[1] != sae.W_dec.shape[1]:
+        return []
+    u = steering.unit_direction(sae, latent).float()
+    W = other.W_dec.detach().float()
+    cos = (W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ u
+    out = []
+    for side in ("+", "-") if signed else ("+",):
+        c = cos if side == "+" else -cos
+        j = int((c.abs() if other_signed else c).argmax())
+        value = float(c[j])
+        other_side = ("+" if value > 0 else "-") if other_signed else None
+        out.append(Match(side, other_name, j, abs(value) if other_signed else value, other_side))
+    return [m for m in out if math.isfinite(m.cos)]

@@ -1,0 +1,486 @@
+"""Page assembly: a ``Report`` (numbers already computed) becomes one self-contained HTML page.
+
+Nothing here runs a model. Every string that comes from data (SAE names, tokens, column names,
+values) is HTML-escaped; token examples go to circuitsvis through ``Components``.
+"""
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from html import escape
+from importlib.resources import files
+from string import Template
+from typing import Any
+
+from analyses import concentration
+from analyses.logit_lens import LogitLens
+from analyses.polarity import PolarityCensus
+from analyses.report import plots
+from analyses.report.circuits import BOOT_JS, Components, bundle, content_security_policy
+from analyses.steering import Dial
+from sign_sae.pipeline import COLUMNS
+
+THRESHOLDS = [i / 40 for i in range(21)]  # balance thresholds 0, 0.025, ..., 0.5
+MAX_TABLE_ROWS = 2000
+# Columns of results.json that the metrics table leaves out (details of the ones it shows).
+_DETAIL_COLUMNS = {
+    "hook",
+    "n_tokens",
+    "mse",
+    "ce_clean",
+    "ce_with_sae",
+    "ce_zero_ablation",
+    "steps",
+}
+
+
+@dataclass
+class Example:
+    """A window of tokens around one top activation; ``values`` are the latent's values on
+    every token of the window, ``value`` the one at the example's own position."""
+
+    seq: int
+    pos: int
+    value: float
+    tokens: list[str]
+    values: list[float]
+
+
+@dataclass
+class Match:
+    """The latent of another SAE whose decoder direction best matches +d or -d of a latent;
+    ``other_sign`` says which side of a signed other latent matched (None: non-negative)."""
+
+    sign: str  # "+" or "-"
+    sae: str
+    latent: int
+    cos: float
+    other_sign: str | None = None
+
+
+@dataclass
+class Card:
+    """A latent's dashboard: top examples per sign, logit lens, steering dial, matches."""
+
+    latent: int
+    pos: list[Example]
+    neg: list[Example]
+    lens: LogitLens | None = None
+    dial: Dial | None = None
+    matches: list[Match] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SAESection:
+    """One SAE: its results row, parameter tensors, census and latent dashboards."""
+
+    name: str
+    architecture: str
+    hook: str
+    d_in: int
+    d_sae: int
+    params: list[tuple[str, tuple[int, ...]]]  # trainable tensors: (name, shape)
+    census: PolarityCensus
+    cards: list[Card]
+    n_cut: int = 0  # selected latents left without a dashboard
+
+
+@dataclass
+class Report:
+    """Everything one page shows; ``saes`` is empty for a sweep page."""
+
+    title: str
+    facts: list[tuple[str, str]]
+    rows: list[dict[str, Any]]
+    saes: list[SAESection] = field(default_factory=list)
+
+
+def page(report: Report) -> str:
+    """The whole HTML document of ``report``."""
+    cv = Components()
+    body = [_header(report)]
+    if report.rows:
+        body.append(_metrics(report.rows))
+    if report.saes:
+        body.append(_parameters(report.saes))
+    body.append(_figures(report))
+    for k, sec in enumerate(report.saes):
+        body.append(_dashboards(k, sec, report.saes, cv))
+    template = Template((files("analyses.report") / "template.html").read_text(encoding="utf-8"))
+    return template.substitute(
+        csp=content_security_policy(),
+        title=escape(report.title),
+        body="\n".join(body),
+        props=cv.props_json(),
+        bundle=bundle(),
+        boot=BOOT_JS,
+    )
+
+
+def fmt(value: Any, spec: str = "{:.4g}") -> str:
+    """A table cell: numbers through ``spec`` (integers with thousands separators), '–' for
+    missing or non-finite values, anything else as escaped text."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return escape(str(value))
+    if isinstance(value, int) and spec == "{:.4g}":
+        spec = "{:,}"
+    try:
+        return escape(spec.format(value))
+    except (ValueError, TypeError):
+        return escape(str(value))
+
+
+def show_token(token: str) -> str:
+    """A token as visible, escaped text: newlines and tabs spelled out, spaces kept (shown as ␣
+    when the token is only spaces), ∅ for the empty string."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if text and not text.strip(" "):
+        text = "␣" * len(text)
+    return f'<code class="tok">{escape(text) if text else "∅"}</code>'
+
+
+def _header(report: Report) -> str:
+    facts = " · ".join(f"{escape(k)} <b>{escape(v)}</b>" for k, v in report.facts)
+    nav = "".join(f'<a href="#sae{k}">{escape(s.name)}</a>' for k, s in enumerate(report.saes))
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    return (
+        f'<header><h1>{escape(report.title)}</h1><p class="facts">{facts}</p>'
+        f'<p class="facts">written {stamp} by <code>sign-sae report</code>; works offline.'
+        f'<span class="pos"> Red</span> marks the positive side of a latent,'
+        f'<span class="neg"> blue</span> the negative side.</p>'
+        f"{f'<nav>Dashboards: {nav}</nav>' if nav else ''}</header>"
+    )
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The preferred result columns that are present, then any other (sweep) columns."""
+    present = {k for r in rows for k in r}
+    cols = [(c, f) for c, f in COLUMNS if c in present]
+    known = {c for c, _ in COLUMNS} | _DETAIL_COLUMNS
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in known]
+    return cols + [(k, "{:.4g}") for k in extra]
+
+
+def _metrics(all_rows: list[dict[str, Any]]) -> str:
+    rows, n_cut = all_rows[:MAX_TABLE_ROWS], max(len(all_rows) - MAX_TABLE_ROWS, 0)
+    cols = _columns(rows)
+    align = {c: _align(rows, c) for c, _ in cols}
+    head = "".join(f"<th{align[c]}>{escape(c)}</th>" for c, _ in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td{align[c]}>{fmt(r.get(c), f)}</td>" for c, f in cols) + "</tr>"
+        for r in rows
+    )
+    cut = (
+        f'<p class="cut">{n_cut:,} more rows are not shown (the table stops at '
+        f"{len(rows):,}); the plots use every row.</p>"
+        if n_cut
+        else ""
+    )
+    return (
+        f'<section id="metrics"><h2>Held-out metrics</h2><div class="scroll"><table><tr>{head}</tr>'
+        f'{body}</table></div>{cut}<p class="note">r2: explained variance; l0: mean active '
+        "latents per token (f != 0, either sign); bipolar_fraction: alive latents with polarity "
+        "balance >= 0.1; ce_loss_recovered and kl_with_sae: the SAE spliced into the model.</p>"
+        "</section>"
+    )
+
+
+def _align(rows: Sequence[dict[str, Any]], col: str) -> str:
+    """A left-align class attribute for text columns."""
+    return ' class="l"' if any(isinstance(r.get(col), str) for r in rows) else ""
+
+
+def _parameters(saes: list[SAESection]) -> str:
+    base = sum(math.prod(s) for _, s in saes[0].params)
+    rows = []
+    for sec in saes:
+        total = sum(math.prod(s) for _, s in sec.params)
+        tensors = ", ".join(
+            f"{escape(n)} [{'×'.join(map(str, s))}] {math.prod(s):,}" for n, s in sec.params
+        )
+        rows.append(
+            f'<tr><td class="l">{escape(sec.name)}</td><td class="l">{escape(sec.architecture)}</td>'
+            f"<td>{sec.d_in:,}</td><td>{sec.d_sae:,}</td><td>{total:,}</td>"
+            f"<td>{fmt(total / max(sec.d_sae, 1), '{:,.0f}')}</td>"
+            f"<td>{fmt(total / base if base else float('nan'), '{:.2f}')}×</td>"
+            f'<td class="w">{tensors}</td></tr>'
+        )
+    return (
+        '<section id="parameters"><h2>Parameter accounting</h2><div class="scroll"><table><tr>'
+        '<th class="l">SAE</th><th class="l">architecture</th><th>d_in</th><th>d_sae</th>'
+        f"<th>parameters</th><th>per latent</th><th>vs {escape(saes[0].name)}</th>"
+        f'<th class="l">trainable tensors</th></tr>{"".join(rows)}</table></div>'
+        '<p class="note">Trainable parameters only (buffers such as running statistics are not '
+        "counted). A signed latent spends one decoder row on both directions.</p></section>"
+    )
+
+
+def _figures(report: Report) -> str:
+    figs = [f for f in (_frontier(report.rows),) if f]
+    if report.saes:
+        figs += [_balance_hist(s, k) for k, s in enumerate(report.saes)]
+        figs += [_bipolar_curve(report.saes), _concentration(report.saes)]
+    if not figs:
+        return ""
+    return (
+        f'<section id="figures"><h2>Figures</h2><div class="figs">{"".join(figs)}</div></section>'
+    )
+
+
+def _frontier(rows: list[dict[str, Any]]) -> str | None:
+    """R^2 against L0 per architecture, with each architecture's Pareto front as a line."""
+    usable = [r for r in rows if _is_num(r.get("r2")) and _is_num(r.get("l0"))]
+    if len(usable) < 2:
+        return None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in usable:
+        groups.setdefault(str(r.get("architecture", r.get("arch", "all"))), []).append(r)
+    series = []
+    for k, (arch, rs) in enumerate(groups.items()):
+        col = plots.color(k)
+        titles = [f"{r.get('name', '')} ({arch}): L0 {r['l0']:.4g}, R² {r['r2']:.4g}" for r in rs]
+        labels = [str(r.get("name", "")) for r in rs] if len(usable) <= 12 else None
+        series.append(
+            plots.Series(
+                arch,
+                [r["l0"] for r in rs],
+                [r["r2"] for r in rs],
+                col,
+                "points",
+                titles=titles,
+                labels=labels,
+            )
+        )
+        front = _pareto([(r["l0"], r["r2"]) for r in rs])
+        if len(front) > 1:
+            series.append(plots.Series("", [p[0] for p in front], [p[1] for p in front], col))
+    xlog = all(r["l0"] > 0 for r in usable) and max(r["l0"] for r in usable) > 20 * min(
+        r["l0"] for r in usable
+    )
+    return plots.chart(
+        series, "R² vs L0 (held out)", "L0 (active latents per token)", "R²", xlog=xlog
+    )
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats (lower-or-equal L0 with higher R^2), by increasing L0."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _balance_hist(sec: SAESection, k: int) -> str:
+    """Polarity balance of alive latents, against the sign-flip null's expected balance."""
+    alive = sec.census.alive
+    title = f"Polarity balance: {sec.name}"
+    n = int(alive.sum())
+    if n == 0:
+        return plots.empty(title, "no latent fired")
+    width = 0.025
+    edges = [i * width for i in range(20)]
+    obs = _histogram(sec.census.balance[alive].tolist(), width, n)
+    null = _histogram(sec.census.expected_null_balance()[alive].tolist(), width, n)
+    return plots.chart(
+        [
+            plots.Series(
+                f"{sec.name} ({n:,} alive)", edges, obs, plots.color(k), "bars", width=width
+            ),
+            plots.Series("sign-flip null (expected)", edges, null, "#555", "step", True, width),
+        ],
+        title,
+        "balance = min(n+, n-) / (n+ + n-)",
+        "share of alive latents",
+        xlim=(0.0, 0.5),
+    )
+
+
+def _histogram(values: list[float], width: float, n: int) -> list[float]:
+    counts = [0] * 20
+    for v in values:
+        counts[min(max(int(v / width), 0), 19)] += 1
+    return [c / n for c in counts]
+
+
+def _bipolar_curve(saes: list[SAESection]) -> str:
+    series = []
+    for k, sec in enumerate(saes):
+        col = plots.color(k)
+        series.append(plots.Series(sec.name, THRESHOLDS, sec.census.balance_curve(THRESHOLDS), col))
+        null = sec.census.sign_flip_null(0).balance_curve(THRESHOLDS)
+        series.append(plots.Series(f"{sec.name} null", THRESHOLDS, null, col, dashed=True))
+    return plots.chart(
+        series,
+        "Bipolar fraction vs threshold",
+        "balance threshold t",
+        "alive latents with balance ≥ t",
+        xlim=(0.0, 0.5),
+        ylim=(0.0, 1.02),
+    )
+
+
+def _concentration(saes: list[SAESection]) -> str:
+    """Cumulative share of minority-sign mass held by the top-r latents, per SAE and hook."""
+    title = "Minority-sign mass in the top latents"
+    series, skipped = [], []
+    for k, sec in enumerate(saes):
+        conc = concentration.top_latents(sec.census, k=[1])
+        curve = conc.curve.tolist()
+        if not curve or not math.isfinite(curve[0]):
+            skipped.append(sec.name)
+            continue
+        ranks = list(range(1, len(curve) + 1))
+        series.append(plots.Series(f"{sec.name} @ {sec.hook}", ranks, curve, plots.color(k)))
+    if not series:
+        return plots.empty(title, "no SAE has minority-sign mass (all non-negative)")
+    fig = plots.chart(
+        series,
+        title,
+        "rank r (latents by minority mass)",
+        "share held by top r",
+        xlog=True,
+        ylim=(0.0, 1.02),
+    )
+    if skipped:
+        note = f"<br>No minority-sign mass (non-negative): {escape(', '.join(skipped))}."
+        fig = fig.replace("</figcaption>", f"{note}</figcaption>")
+    return fig
+
+
+def _dashboards(k: int, sec: SAESection, saes: list[SAESection], cv: Components) -> str:
+    anchors = {(s.name, c.latent) for s in saes for c in s.cards}
+    index = {s.name: j for j, s in enumerate(saes)}
+    cards = "".join(_card(k, sec, c, cv, anchors, index) for c in sec.cards)
+    cut = (
+        f'<p class="cut">{sec.n_cut:,} more selected latents have no dashboard (the page stops '
+        f"at {len(sec.cards):,}).</p>"
+        if sec.n_cut
+        else ""
+    )
+    return (
+        f'<section id="sae{k}"><h2>Latents of {escape(sec.name)} '
+        f"<small>({escape(sec.architecture)}, {sec.d_sae:,} latents, {escape(sec.hook)})</small>"
+        f"</h2>{cards or '<p class=note>No latents selected.</p>'}{cut}</section>"
+    )
+
+
+def _card(
+    k: int,
+    sec: SAESection,
+    card: Card,
+    cv: Components,
+    anchors: set[tuple[str, int]],
+    index: dict[str, int],
+) -> str:
+    c, i = sec.census, card.latent
+    n_pos, n_neg = int(c.n_pos[i]), int(c.n_neg[i])
+    stats = (
+        f'fired <span class="pos">+ {n_pos:,}</span> / <span class="neg">− {n_neg:,}</span> '
+        f"of {c.n_tokens:,} tokens · balance {fmt(float(c.balance[i]), '{:.3f}')} "
+        f"(sign-flip null {fmt(float(c.expected_null_balance()[i]), '{:.3f}')}) · mass "
+        f'<span class="pos">+ {fmt(float(c.mass_pos[i]), "{:.4g}")}</span> / '
+        f'<span class="neg">− {fmt(float(c.mass_neg[i]), "{:.4g}")}</span>'
+    )
+    matches = " · ".join(_match(m, anchors, index) for m in card.matches)
+    limit = max([abs(v) for e in card.pos + card.neg for v in e.values] or [1.0])
+    sides = "".join(
+        _examples(label, css, exs, total, cv, limit)
+        for label, css, exs, total in (
+            ("positive", "pos", card.pos, n_pos),
+            ("negative", "neg", card.neg, n_neg),
+        )
+    )
+    notes = "".join(f'<p class="note">{escape(n)}</p>' for n in card.notes)
+    return (
+        f'<article class="card" id="sae{k}-latent{i}"><h3>{escape(sec.name)} · latent {i}</h3>'
+        f'<p class="stats">{stats}</p>'
+        f"{f'<p class=note>Closest decoder directions: {matches}</p>' if matches else ''}"
+        f'<div class="cols">{sides}</div><div class="cols"><section>{_lens(card.lens)}</section>'
+        f"<section>{_dial(i, card.dial)}</section></div>{notes}</article>"
+    )
+
+
+def _match(m: Match, anchors: set[tuple[str, int]], index: dict[str, int]) -> str:
+    side = '<span class="pos">+d</span>' if m.sign == "+" else '<span class="neg">−d</span>'
+    target = f"{escape(m.sae)} #{m.latent}"
+    if m.other_sign is not None:
+        target += " (+d)" if m.other_sign == "+" else " (−d)"
+    if (m.sae, m.latent) in anchors:
+        target = f'<a href="#sae{index[m.sae]}-latent{m.latent}">{target}</a>'
+    return f"{side} ≈ {target} (cos {m.cos:.2f})"
+
+
+def _examples(
+    label: str, css: str, exs: list[Example], total: int, cv: Components, limit: float
+) -> str:
+    head = f'<h4 class="{css}">Top {label} activations</h4>'
+    if not exs:
+        return f'<section>{head}<p class="note">Never fired {label} on these tokens.</p></section>'
+    rows = "".join(
+        f'<div class="ex"><span class="v {css}">{e.value:+.3g}</span>'
+        f"{cv.colored_tokens(e.tokens, e.values, limit)}</div>"
+        for e in exs
+    )
+    cut = f"showing the top {len(exs):,} of {total:,} {label} firings"
+    return f'<section>{head}{rows}<p class="cut">{cut}</p></section>'
+
+
+def _lens(lens: LogitLens | None) -> str:
+    head = "<h4>Logit lens: tokens each direction promotes</h4>"
+    if lens is None:
+        return f'{head}<p class="note">Not available for this SAE.</p>'
+    rows = "".join(
+        f'<tr><td>{r}</td><td class="l">{show_token(pt)}</td><td>{pl:.2f}</td>'
+        f'<td class="l">{show_token(nt)}</td><td>{nl:.2f}</td></tr>'
+        for r, (pt, pl, nt, nl) in enumerate(
+            zip(lens.pos_tokens, lens.pos_logits, lens.neg_tokens, lens.neg_logits, strict=True),
+            start=1,
+        )
+    )
+    return (
+        f'{head}<table><tr><th>rank</th><th class="l pos">+d</th><th>logit</th>'
+        f'<th class="l neg">−d</th><th>logit</th></tr>{rows}</table>'
+    )
+
+
+def _dial(latent: int, dial: Dial | None) -> str:
+    head = "<h4>Steering dial</h4>"
+    if dial is None or not dial.points:
+        return f'{head}<p class="note">No steering sweep for this latent.</p>'
+    alphas = [p.alpha for p in dial.points]
+    unit = "hook-space norm" if dial.scale == 1.0 else f"typical firings (× {dial.scale:.3g})"
+    fig = plots.chart(
+        [
+            plots.Series(
+                "effect = shift(T+) − shift(T−)", alphas, [p.effect for p in dial.points], "#333"
+            ),
+            plots.Series(
+                "KL(clean ‖ steered)", alphas, [p.kl for p in dial.points], "#999", dashed=True
+            ),
+        ],
+        f"Steering latent {latent} ({dial.mode})",
+        f"alpha ({unit})",
+        "nats",
+        size=(420, 240),
+    )
+    lo, hi = dial.points[alphas.index(min(alphas))], dial.points[alphas.index(max(alphas))]
+    promoted = "".join(
+        f'<p class="note">α = {p.alpha:+g} promotes '
+        f"{' '.join(show_token(t) for t, _ in p.promoted[:6])}</p>"
+        for p in (hi, lo)
+        if p.promoted
+    )
+    return (
+        f'{head}{fig}<p class="note">monotonicity {fmt(dial.monotonicity, "{:.2f}")} · '
+        f"antisymmetry {fmt(dial.antisymmetry, '{:.2f}')} (1 = a perfect two-way dial)</p>"
+        f"{promoted}"
+    )
