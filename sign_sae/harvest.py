@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -274,28 +275,35 @@ def _run(
 ) -> dict[str, ActivationCache]:
     """Run the model over `tokens` once and write every hook's shards, then its metadata."""
     dtype, exclude_bos = DTYPES[request["dtype"]], request["exclude_bos"]
-    writers = {h: _ShardWriter(out_dir / h, shard_tokens, dtype) for h in hooks}
     layers = [_BLOCK_HOOK.match(h) for h in hooks]
     stop_at_layer = None if None in layers else max(int(m.group(1)) for m in layers) + 1
     n_seq, context_size = tokens.shape
     n_tokens = n_seq * (context_size - 1 if exclude_bos else context_size)
     start_time = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", unit_scale=True) as bar:
-        bar.set_description("harvest")
-        for start in range(0, n_seq, batch_size):
-            batch = tokens[start : start + batch_size].to(model.cfg.device)
-            _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop_at_layer)
-            for hook in hooks:
-                acts = cache[hook]
-                if acts.shape[:2] != batch.shape:
-                    raise ValueError(
-                        f"Hook {hook} gives activations of shape {tuple(acts.shape)}, not "
-                        "(batch, position, ...); harvest only supports per-token hooks."
-                    )
-                if exclude_bos:
-                    acts = acts[:, 1:]
-                writers[hook].add(acts.reshape(-1, math.prod(acts.shape[2:])).to("cpu", dtype))
-            bar.update(batch.shape[0] * (context_size - 1 if exclude_bos else context_size))
+    # One background thread writes the shards, so disk writes do not stall the forward passes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-writer") as pool:
+        writers = {h: _ShardWriter(out_dir / h, shard_tokens, dtype, pool) for h in hooks}
+        with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", unit_scale=True) as bar:
+            bar.set_description("harvest")
+            for start in range(0, n_seq, batch_size):
+                batch = tokens[start : start + batch_size].to(model.cfg.device)
+                _, cache = model.run_with_cache(
+                    batch, names_filter=hooks, stop_at_layer=stop_at_layer
+                )
+                for hook in hooks:
+                    acts = cache[hook]
+                    if acts.shape[:2] != batch.shape:
+                        raise ValueError(
+                            f"Hook {hook} gives activations of shape {tuple(acts.shape)}, not "
+                            "(batch, position, ...); harvest only supports per-token hooks."
+                        )
+                    if exclude_bos:
+                        acts = acts[:, 1:]
+                    rows = acts.reshape(-1, math.prod(acts.shape[2:])).to("cpu", dtype)
+                    writers[hook].add(rows)
+                bar.update(batch.shape[0] * (context_size - 1 if exclude_bos else context_size))
+        shared = {**request, "context_size": context_size, "n_sequences": n_seq}
+        caches = {h: w.finish({**shared, "hook": h}) for h, w in writers.items()}
     elapsed = time.perf_counter() - start_time
     logger.info(
         "Harvested %d tokens x %d hooks in %.1f s (%.0f tokens/s)",
@@ -304,17 +312,20 @@ def _run(
         elapsed,
         n_tokens / max(elapsed, 1e-9),
     )
-    shared = {**request, "context_size": context_size, "n_sequences": n_seq}
-    return {h: w.finish({**shared, "hook": h}) for h, w in writers.items()}
+    return caches
 
 
 class _ShardWriter:
-    """Buffers rows of one hook and writes full shards atomically; `finish` writes metadata."""
+    """Buffers rows of one hook and writes full shards atomically on `pool`, at most one in
+    flight per hook; `finish` waits for them and writes the metadata."""
 
-    def __init__(self, folder: Path, shard_tokens: int, dtype: torch.dtype):
+    def __init__(
+        self, folder: Path, shard_tokens: int, dtype: torch.dtype, pool: ThreadPoolExecutor
+    ):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        self.folder, self.shard_tokens, self.dtype = folder, shard_tokens, dtype
+        self.folder, self.shard_tokens, self.dtype, self.pool = folder, shard_tokens, dtype, pool
+        self.pending: Future[None] | None = None
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
@@ -336,6 +347,7 @@ class _ShardWriter:
     def finish(self, metadata: dict[str, Any]) -> ActivationCache:
         if self.buffered:
             self._flush(self.buffered)
+        self._wait()
         meta = {
             **metadata,
             "d_in": self.d_in,
@@ -353,7 +365,18 @@ class _ShardWriter:
         shard, rest = rows[:n_rows].contiguous(), rows[n_rows:].clone()
         self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
         path = self.folder / _SHARD_FILE.format(len(self.shards))
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({_TENSOR_KEY: shard}, tmp)
-        os.replace(tmp, path)
+        self._wait()
+        self.pending = self.pool.submit(_write_shard, shard, path)
         self.shards.append({"file": path.name, "n_tokens": n_rows})
+
+    def _wait(self) -> None:
+        """Wait for the shard in flight; re-raises its error."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
+def _write_shard(shard: torch.Tensor, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({_TENSOR_KEY: shard}, tmp)
+    os.replace(tmp, path)

@@ -16,6 +16,11 @@ treats the decoder the same way in the aux term and in the penalty's norms: ``li
 SAELens's Gated SAE) or ``frozen`` (stop-gradient in both). Latents that have not fired for
 ``dead_reset_tokens`` tokens get their thresholds reset to ``threshold_init``.
 See docs/method.md for every choice and why.
+
+``training_forward_pass`` runs the step as one autograd Function (``sign_sae.fused``: one
+encoder product, no F-wide temporaries kept for the backward) and falls back to the reference
+ops when hooks, run-time normalisation or gradients into the input need them. Both give the same
+losses and gradients (tests/test_fused.py). docs/performance.md has the measurements.
 """
 
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 from sign_sae.activation import step
+from sign_sae.fused import SAGSAEStep, StepSpec
 from sign_sae.sae import ARCHITECTURE, check_input, save_sae_folder, validate_dims
 from sign_sae.storage import check_cfg_fields
 
@@ -77,7 +83,17 @@ class SAGSAETrainingSAEConfig(TrainingSAEConfig):
 
 
 class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
-    """Trainable SA-GSAE; ``save_inference_model`` folds it into ``sign_sae.SAGSAE``."""
+    """Trainable SA-GSAE; ``save_inference_model`` folds it into ``sign_sae.SAGSAE``.
+
+    Speed switches (attributes, not config: they never change a result beyond rounding):
+    ``fused`` runs the training step as ``sign_sae.fused.SAGSAEStep`` where it applies;
+    ``compile_step`` fuses its element-wise passes with ``torch.compile``. Mixed precision is
+    ``torch.autocast`` around ``training_forward_pass``: the fused step's matmuls, forward and
+    backward, then run in the autocast dtype while weights and gradients keep theirs.
+    """
+
+    fused: bool = True
+    compile_step: bool = False
 
     b_gate: nn.Parameter
     r_mag: nn.Parameter
@@ -179,11 +195,14 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         """One shared encoder product feeds the gate, both magnitudes and the aux path."""
         n_resets = self._constrain_and_reset()
         sae_in = step_input.sae_in
-        f, m_pos, pi = self._features(self.process_sae_in(sae_in) @ self.W_enc)
-        sae_out = self.decode(f)
-        mse = (sae_out - sae_in).pow(2).sum(-1).mean()
-        losses = {"mse_loss": mse}
-        losses.update(self._gate_losses(pi, sae_in, step_input.coefficients["sparsity"]))
+        coefficient = step_input.coefficients["sparsity"]
+        if self._can_fuse(sae_in):
+            sae_out, f, m_pos, losses = self._fused_step(sae_in, coefficient)
+        else:
+            f, m_pos, pi = self._features(self.process_sae_in(sae_in) @ self.W_enc)
+            sae_out = self.decode(f)
+            losses = {"mse_loss": (sae_out - sae_in).pow(2).sum(-1).mean()}
+            losses.update(self._gate_losses(pi, sae_in, coefficient))
         self._update_dead_clock(f)
         return TrainStepOutput(
             sae_in=sae_in,
@@ -193,6 +212,71 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
             loss=sum(losses.values()),
             losses=losses,
             metrics={"threshold_resets": n_resets},
+        )
+
+    def _can_fuse(self, sae_in: torch.Tensor) -> bool:
+        """The fused step covers plain inputs without hooks (the reference path covers all)."""
+        hooks = (
+            self.hook_sae_input,
+            self.hook_sae_acts_pre,
+            self.hook_sae_acts_post,
+            self.hook_sae_recons,
+        )
+        return (
+            self.fused
+            and not sae_in.requires_grad
+            and self.cfg.normalize_activations == "none"
+            and not self.hook_z_reshaping_mode
+            and not any(h._forward_hooks or h._forward_pre_hooks for h in hooks)
+        )
+
+    def _fused_step(
+        self, sae_in: torch.Tensor, coefficient: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x_hat, f, m+, losses) from ``SAGSAEStep``; same values as the reference path."""
+        cfg = self.cfg
+        check_input(sae_in, cfg.d_in, cfg.metadata.hook_name)
+        x = sae_in.to(self.dtype)
+        spec = StepSpec(
+            two_sided=cfg.two_sided,
+            tied=cfg.tied,
+            l0_ste=cfg.sparsity == "l0_ste",
+            aux=cfg.aux_coefficient > 0,
+            frozen=cfg.aux_decoder == "frozen",
+            centre=cfg.apply_b_dec_to_input,
+            bandwidth=cfg.bandwidth,
+            compile=self.compile_step,
+        )
+        norms = None
+        if not spec.l0_ste:
+            norms = self.W_dec.detach().norm(dim=1) if spec.frozen else self.W_dec.norm(dim=1)
+        untied = cfg.two_sided and not cfg.tied
+        sae_out, f, m_pos, mse, sparsity, aux = SAGSAEStep.apply(
+            spec,
+            x.reshape(-1, cfg.d_in),
+            float(coefficient),
+            float(cfg.aux_coefficient),
+            self.b_dec,
+            self.W_enc,
+            self.W_dec,
+            norms,
+            self.b_gate,
+            self.threshold_pos,
+            self.threshold_neg if cfg.two_sided else None,
+            self.r_mag,
+            self.b_mag,
+            self.r_mag_neg if untied else None,
+            self.b_mag_neg if untied else None,
+        )
+        lead = x.shape[:-1]
+        losses = {"mse_loss": mse, "sparsity_loss": sparsity}
+        if spec.aux:
+            losses["auxiliary_reconstruction_loss"] = aux
+        return (
+            sae_out.reshape(*lead, cfg.d_in),
+            f.reshape(*lead, cfg.d_sae),
+            m_pos.reshape(*lead, cfg.d_sae),
+            losses,
         )
 
     @override
