@@ -1,0 +1,219 @@
+"""Data-parallel training on torch.distributed: 2 gloo processes give the 1-process weights."""
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from sae_lens import HookedSAETransformer
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformerConfig
+
+from sign_sae import distributed
+from sign_sae.architectures import make_training_sae
+from sign_sae.sweep import SweepConfig, run_sweep
+from sign_sae.training import TensorBatches, TrainConfig, train
+
+D_IN, WIDTH, STEPS, PAUSE = 16, 48, 24, 11
+# name -> (architecture, sparsity, SAE options, TrainConfig overrides)
+RUNS = {
+    # strong sparsity and a short reset window: SA-GSAE threshold resets fire from step ~17 on
+    "sa_gsae": ("sa_gsae", 10.0, {"dead_reset_tokens": 512}, {}),
+    # an odd global batch: shards of 128 and 127 rows
+    "gated": ("gated", 0.5, {}, {"batch_size": 255}),
+    # a short dead window: the TopK aux loss uses the (global) dead-latent mask
+    "topk": ("topk", 4, {}, {"dead_window_tokens": 512}),
+}
+
+
+def _data() -> torch.Tensor:
+    return torch.randn(2048, D_IN, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+
+
+def _train(name: str, **kw) -> tuple[dict[str, torch.Tensor], list[dict], list[int]]:
+    """(final state, loss history, threshold resets per step) of one small run."""
+    arch, sparsity, options, overrides = RUNS[name]
+    torch.manual_seed(0)
+    sae = make_training_sae(arch, D_IN, WIDTH, sparsity, warm_up_steps=4, **options)
+    resets: list[int] = []
+    if hasattr(sae, "_constrain_and_reset"):
+        inner = sae._constrain_and_reset
+
+        def counted() -> int:
+            resets.append(inner())
+            return resets[-1]
+
+        sae._constrain_and_reset = counted
+    base = dict(total_steps=STEPS, batch_size=256, lr=1e-2, lr_warm_up_steps=4, lr_decay_steps=8)
+    cfg = TrainConfig(**{**base, "log_every": 8, "checkpoint_every": 5, **overrides})
+    res = train(sae, TensorBatches(_data(), cfg.batch_size, seed=1), cfg, progress=False, **kw)
+    return sae.state_dict(), res.history, resets
+
+
+def _tiny_model(
+    cfg: SweepConfig, name: str
+) -> tuple[HookedSAETransformer, torch.Tensor, torch.Tensor]:
+    """A random 2-layer model and random token rows (a sweep ``load``)."""
+    torch.manual_seed(0)
+    model = HookedSAETransformer(
+        HookedTransformerConfig(
+            n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=50,
+            act_fn="gelu", model_name=name,
+        )
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    rows = lambda n: torch.randint(1, 50, (n // cfg.context_size, cfg.context_size), generator=g)
+    return model, rows(cfg.train_tokens), rows(cfg.eval_tokens)
+
+
+def _sweep(out: Path) -> list[dict]:
+    """Three runs (an odd number, so the last round leaves a rank idle) of a tiny sweep."""
+    cfg = SweepConfig(
+        out_dir=str(out),
+        models=["tiny"],
+        hooks=["mlp_out"],
+        context_size=16,
+        train_tokens=16 * 64,
+        eval_tokens=16 * 8,
+        ce_tokens=16 * 4,
+        train=TrainConfig(total_steps=10, batch_size=128),
+        grid=[
+            {"label": "sa", "arch": "sa_gsae", "sparsity": [1.0, 3.0]},
+            {"label": "gated", "arch": "gated", "sparsity": [1.0]},
+        ],
+    )
+    return run_sweep(cfg, load=_tiny_model, progress=False)
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    """One rank, set up from the variables torchrun would export."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    out = Path(tmp)
+    with distributed.session():
+        assert distributed.get_world() == world and distributed.get_rank() == rank
+        tensors = {}
+        for name in RUNS:
+            state, history, resets = _train(name)
+            tensors.update({f"{name}/{k}": v for k, v in state.items()})
+            tensors[f"{name}/resets"] = torch.tensor(resets)
+            tensors[f"{name}/history"] = torch.tensor([list(r.values()) for r in history])
+        _train("sa_gsae", run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
+        state, _, _ = _train("sa_gsae", run_dir=out / "paused_by_1", resume=True)
+        tensors.update({f"resumed_by_2/{k}": v for k, v in state.items()})
+        mine = [(i, distributed.get_rank()) for i in distributed.shard(range(7))]
+        table = distributed.gather_rows(mine, key=lambda row: row[0])
+        tensors["table"] = torch.tensor(table)
+        rows = _sweep(out / "sweep_by_2")
+        (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
+        if distributed.is_main():
+            save_file(tensors, out / "ranks.safetensors")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """1-process references, then the same runs on 2 gloo ranks (one spawn for all of them)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {name: _train(name) for name in RUNS}
+        _train("sa_gsae", run_dir=tmp / "paused_by_1", stop_at=PAUSE)  # resumed by 2 ranks
+        _sweep(tmp / "sweep_by_1")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    return single, load_file(tmp / "ranks.safetensors"), tmp
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_give_the_one_process_weights(name, runs):
+    single, ranks, _ = runs
+    state, history, resets = single[name]
+    for key, value in state.items():
+        torch.testing.assert_close(ranks[f"{name}/{key}"], value, atol=1e-5, rtol=1e-5, msg=key)
+    # the logged rows are over the global batch too
+    expected = torch.tensor([list(r.values()) for r in history])
+    torch.testing.assert_close(ranks[f"{name}/history"].float(), expected, atol=1e-4, rtol=1e-4)
+    assert ranks[f"{name}/resets"].tolist() == resets
+    if name == "sa_gsae":
+        assert sum(resets) > 0  # dead-latent threshold resets really happened, identically
+
+
+def test_checkpoints_resume_with_another_number_of_ranks(runs):
+    single, ranks, tmp = runs
+    straight = single["sa_gsae"][0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed, _, _ = _train("sa_gsae", run_dir=tmp / "paused_by_2", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(ranks[f"resumed_by_2/{key}"], value, atol=1e-5, rtol=1e-5)
+
+
+def test_two_rank_sweep_gives_the_one_rank_table(runs):
+    _, _, tmp = runs
+    timing = {"train_s", "eval_s", "wall_s", "finished"}
+
+    def table(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k not in timing} for r in json.loads(path.read_text())
+        ]
+
+    one, two = (
+        table(tmp / "sweep_by_1" / "results.json"),
+        table(tmp / "sweep_by_2" / "results.json"),
+    )
+    assert len(one) == 3 and [r["config_hash"] for r in two] == [r["config_hash"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float) and math.isfinite(value):
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            else:
+                assert b[key] == value, key
+    # every rank returns the whole table
+    for rank in range(2):
+        rows = json.loads((tmp / f"sweep_rows_{rank}.json").read_text())
+        assert [r["config_hash"] for r in rows] == [r["config_hash"] for r in one]
+
+
+def test_shard_and_gather_rows(runs):
+    _, ranks, _ = runs
+    assert ranks["table"].tolist() == [[i, i % 2] for i in range(7)]
+    # one process: identities
+    assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
+    assert distributed.shard("abcde", rank=1, world=2) == ["b", "d"]
+    assert distributed.gather_rows([3, 1, 2], key=lambda r: r) == [1, 2, 3]
+    assert distributed.get_world() == 1 and distributed.is_main()
+
+
+def test_batches_are_split_by_rows():
+    data = torch.arange(40.0).reshape(20, 2)
+    whole = TensorBatches(data, 5, seed=3)
+    parts = [whole.shard(r, 2) for r in range(2)]
+    for step in range(6):
+        full = whole.batch(step)
+        torch.testing.assert_close(parts[0].batch(step), full[0::2])
+        torch.testing.assert_close(parts[1].batch(step), full[1::2])
+    with pytest.raises(ValueError, match="rank < world"):
+        TensorBatches(data, 5, rank=2, world=2)
