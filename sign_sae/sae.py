@@ -27,23 +27,27 @@ from sign_sae.storage import check_cfg_fields, write_folder
 ARCHITECTURE = "sa_gsae"
 
 
-@dataclass
-class SAGSAEConfig(SAEConfig):
-    """Inference config. ``tied``: one magnitude scale for both signs; ``two_sided``: the gate
-    opens on either sign (False is the one-sided ablation, equivalent to a Gated SAE)."""
-
-    tied: bool = True
-    two_sided: bool = True
+class StrictSAGSAEConfig:
+    """What the inference and training configs share: the architecture name, and strict parsing
+    (unknown or wrongly typed fields are an error, not silently dropped as in SAELens)."""
 
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any]) -> "SAGSAEConfig":
-        """Strict: unknown or wrongly typed fields are an error, not silently dropped."""
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
         check_cfg_fields(config_dict, cls)
-        return super().from_dict(config_dict)
+        return super().from_dict(config_dict)  # type: ignore[misc]
+
+
+@dataclass
+class SAGSAEConfig(StrictSAGSAEConfig, SAEConfig):
+    """Inference config. ``tied``: one magnitude scale for both signs; ``two_sided``: the gate
+    opens on either sign (False is the one-sided ablation, equivalent to a Gated SAE)."""
+
+    tied: bool = True
+    two_sided: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

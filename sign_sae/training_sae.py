@@ -25,7 +25,7 @@ losses and gradients (tests/test_fused.py). docs/performance.md has the measurem
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from sae_lens import TrainingSAE, TrainingSAEConfig
@@ -36,15 +36,14 @@ from typing_extensions import override
 
 from sign_sae.activation import step
 from sign_sae.fused import SAGSAEStep, StepSpec
-from sign_sae.sae import ARCHITECTURE, check_input, save_sae_folder, validate_dims
-from sign_sae.storage import check_cfg_fields
+from sign_sae.sae import StrictSAGSAEConfig, check_input, save_sae_folder, validate_dims
 
 Sparsity = Literal["gated_l1", "l0_ste"]
 AuxDecoder = Literal["live", "frozen"]
 
 
 @dataclass(kw_only=True)
-class SAGSAETrainingSAEConfig(TrainingSAEConfig):
+class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
     """Training config; every reading METHOD.md leaves open is a switch. Defaults = recommended."""
 
     tied: bool = True
@@ -57,16 +56,6 @@ class SAGSAETrainingSAEConfig(TrainingSAEConfig):
     threshold_init: float = 1e-3
     bandwidth: float = 1e-3
     dead_reset_tokens: int = 1_000_000
-
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any]) -> "SAGSAETrainingSAEConfig":
-        """Strict: unknown or wrongly typed fields are an error, not silently dropped."""
-        check_cfg_fields(config_dict, cls)
-        return super().from_dict(config_dict)
 
     def __post_init__(self) -> None:
         validate_dims(self.d_in, self.d_sae)
