@@ -5,7 +5,6 @@ Each hook is read once (one forward pass over the eval tokens to the hook's laye
 that hook is encoded from the same activations.
 """
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.models import load_model
 from sign_sae.pipeline import RunConfig
 from sign_sae.storage import load_sae
+from sign_sae.sweep import read_results
 
 DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
@@ -129,31 +129,15 @@ def collect(
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Result rows from a JSON file (a list of objects, or an object with ``rows``) or a CSV
-    file (numbers parsed; empty cells become None)."""
+    """Result rows of a results table (``sign_sae.sweep.read_results``: JSON or CSV, numbers
+    parsed, empty cells None); a JSON object holding ``rows`` is accepted too."""
     path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows: Any = [{k: _cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    else:
-        rows = json.loads(path.read_text())
-        if isinstance(rows, dict):
-            rows = rows.get("rows")
+    rows: Any = read_results(path)
+    if isinstance(rows, dict):
+        rows = rows.get("rows")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path} must hold a list of result rows (objects with r2, l0, ...).")
     return rows
-
-
-def _cell(text: str | None) -> Any:
-    """A CSV cell as int, float, text, or None when empty."""
-    if text is None or text.strip() == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _sae_names(run: Path, cfg: RunConfig, wanted: Sequence[str] | None) -> list[str]:
