@@ -68,7 +68,7 @@ def write_plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 def r2_plot(cell: CellReport) -> str:
     """R^2 against L0 (log) for every label: the frontier as a line, every sparsity point as a
-    dot, and a vertical bar over the seed range where a point has several seeds."""
+    dot, and a cross over the seed ranges of R^2 and L0 where a point has several seeds."""
     series = []
     for i, (label, curve) in enumerate(_ordered(cell)):
         color = plots.color(i)
@@ -88,11 +88,10 @@ def r2_plot(cell: CellReport) -> str:
                 ],
             )
         )
-        series += [
-            plots.Series("", [p.l0, p.l0], [p.r2_min, p.r2_max], color)
-            for p in curve.points
-            if p.n_seeds > 1
-        ]
+        for p in curve.points:
+            if p.n_seeds > 1:  # the seed range as a cross: R^2 up and down, L0 left and right
+                series.append(plots.Series("", [p.l0, p.l0], [p.r2_min, p.r2_max], color))
+                series.append(plots.Series("", [p.l0_min, p.l0_max], [p.r2, p.r2], color))
     title = f"{cell.model} {cell.hook}: R^2 vs L0"
     return standalone(series, title, "L0 (log)", "R^2 (held out)", _labels(cell))
 
@@ -138,7 +137,8 @@ def standalone(
 
 
 def _ordered(cell: CellReport) -> list[tuple[str, Curve]]:
-    return sorted(cell.curves.items())
+    """The reference curve first (first colour), then the others by label."""
+    return sorted(cell.curves.items(), key=lambda kv: (kv[0] != cell.reference, kv[0]))
 
 
 def _labels(cell: CellReport) -> list[str]:

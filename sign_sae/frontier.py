@@ -34,7 +34,7 @@ Row = dict[str, Any]
 
 @dataclass
 class Point:
-    """One sparsity setting of a curve: means over seeds and the seed spread of R^2."""
+    """One sparsity setting of a curve: means over seeds and the seed spread of R^2 and L0."""
 
     sparsity: float
     l0: float
@@ -43,6 +43,8 @@ class Point:
     r2_min: float
     r2_max: float
     n_seeds: int
+    l0_min: float
+    l0_max: float
 
 
 @dataclass
@@ -101,6 +103,7 @@ class CellReport:
 
     model: str
     hook: str
+    reference: str
     curves: dict[str, Curve]
     comparisons: list[Comparison]
     dead_ratio_sweep: dict[str, float] = field(default_factory=dict)
@@ -189,15 +192,18 @@ def curves(rows: Iterable[Row]) -> dict[str, Curve]:
         pts = []
         for sparsity, rs in by_sparsity.items():
             r2 = [float(r["r2"]) for r in rs]
+            l0 = [float(r["l0"]) for r in rs]
             pts.append(
                 Point(
                     sparsity=sparsity,
-                    l0=_mean(float(r["l0"]) for r in rs),
+                    l0=_mean(l0),
                     r2=_mean(r2),
                     dead_fraction=_mean(float(r["dead_fraction"]) for r in rs),
                     r2_min=min(r2),
                     r2_max=max(r2),
                     n_seeds=len(rs),
+                    l0_min=min(l0),
+                    l0_max=max(l0),
                 )
             )
         d_sae = max(int(r["d_sae"]) for rs in by_sparsity.values() for r in rs)
@@ -236,7 +242,7 @@ def analyse_cell(
             ratios[label] = geomean_dead(
                 (r for r in plain if r["label"] == label), floor
             ) / geomean_dead((r for r in plain if r["label"] == reference), floor)
-    return CellReport(model, hook, cs, comps, ratios)
+    return CellReport(model, hook, reference, cs, comps, ratios)
 
 
 def ablations(rows: Sequence[Row]) -> list[Row]:
@@ -386,10 +392,10 @@ def _mean(values: Iterable[float]) -> float:
 def format_markdown(result: dict[str, Any]) -> str:
     """``analyse``'s result as Markdown tables."""
     ref = result["reference"]
-    out = ["### Frontier points (means over seeds; R^2 range over seeds)\n"]
+    out = ["### Curve points (means over seeds; ranges over seeds)\n"]
     out.append(
         _table(
-            ["cell", "label", "sparsity", "seeds", "L0", "R^2", "R^2 range", "dead"],
+            ["cell", "label", "sparsity", "seeds", "L0", "R^2", "R^2 range", "L0 range", "dead"],
             [
                 [
                     _cell_name(c),
@@ -399,6 +405,7 @@ def format_markdown(result: dict[str, Any]) -> str:
                     f"{p.l0:.1f}",
                     f"{p.r2:.3f}",
                     f"{p.r2_min:.3f} to {p.r2_max:.3f}" if p.n_seeds > 1 else "",
+                    f"{p.l0_min:.1f} to {p.l0_max:.1f}" if p.n_seeds > 1 else "",
                     f"{p.dead_fraction:.3f}",
                 ]
                 for c in result["cells"]

@@ -11,7 +11,7 @@ from sign_sae.frontier import Curve, Point
 def curve(label: str, pts: list[tuple[float, float]], dead: float = 0.0, d_sae: int = 100) -> Curve:
     return Curve(
         label,
-        [Point(i, l0, r2, dead, r2, r2, 1) for i, (l0, r2) in enumerate(pts)],
+        [Point(i, l0, r2, dead, r2, r2, 1, l0, l0) for i, (l0, r2) in enumerate(pts)],
         d_sae,
     )
 
@@ -133,6 +133,7 @@ def test_curves_average_seeds_and_keep_their_spread():
     (p,) = c.points
     assert (p.n_seeds, p.l0, p.r2) == (3, pytest.approx(11), pytest.approx(0.6))
     assert (p.r2_min, p.r2_max) == (pytest.approx(0.5), pytest.approx(0.7))
+    assert (p.l0_min, p.l0_max) == (10, 12)
 
 
 def test_analyse_cells_ablations_collapse_and_sweep_ratio():
