@@ -63,7 +63,9 @@ def test_finished_runs_are_skipped(run, caplog):
 
 def test_shared_forwards_give_the_same_numbers_as_one_sae_at_a_time(run, model):
     cfg, _, _, rows, eval_tokens = run
-    alone = evaluate(SAE.load_from_disk(f"{cfg.out_dir}/sa/sae"), model, eval_tokens, progress=False)
+    alone = evaluate(
+        SAE.load_from_disk(f"{cfg.out_dir}/sa/sae"), model, eval_tokens, progress=False
+    )
     numbers = {k: v for k, v in alone.to_dict().items() if isinstance(v, float)}
     assert {k: rows[0][k] for k in numbers} == pytest.approx(numbers, rel=1e-6)
 

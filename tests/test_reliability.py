@@ -135,8 +135,11 @@ def test_folder_that_is_not_an_sae(tmp_path):
         (lambda c: c.update(d_in="8"), TypeError, "'d_in' should be int"),
         (lambda c: c.update(tied="yes"), TypeError, "'tied' should be bool"),
         # a cfg.json from another architecture over SA-GSAE weights
-        (lambda c: [c.update(architecture="gated"), c.pop("tied"), c.pop("two_sided")],
-         ValueError, "do not fit its 'gated' config"),
+        (
+            lambda c: [c.update(architecture="gated"), c.pop("tied"), c.pop("two_sided")],
+            ValueError,
+            "do not fit its 'gated' config",
+        ),
     ],
 )
 def test_bad_cfg_json(sae_dir, edit, error, match):
@@ -211,8 +214,13 @@ def test_metric_properties(rows, cols, seed, shift):
 
 
 FIELD_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
-    st.text(max_size=8), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5000),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -220,8 +228,18 @@ FIELD_VALUES = st.one_of(
 @given(
     updates=st.dictionaries(
         st.sampled_from(
-            ["d_in", "d_sae", "tied", "two_sided", "dtype", "apply_b_dec_to_input",
-             "normalize_activations", "metadata", "architecture", "bogus"]
+            [
+                "d_in",
+                "d_sae",
+                "tied",
+                "two_sided",
+                "dtype",
+                "apply_b_dec_to_input",
+                "normalize_activations",
+                "metadata",
+                "architecture",
+                "bogus",
+            ]
         ),
         FIELD_VALUES,
         max_size=4,

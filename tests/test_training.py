@@ -29,14 +29,27 @@ def test_resume_gives_the_same_weights(arch, sparsity, data, tmp_path):
     straight = fresh()
     train(straight, TensorBatches(data, 256, seed=1), cfg(), progress=False)
     paused = fresh()
-    first = train(paused, TensorBatches(data, 256, seed=1), cfg(), run_dir=tmp_path,
-                  progress=False, stop_at=13)
+    first = train(
+        paused,
+        TensorBatches(data, 256, seed=1),
+        cfg(),
+        run_dir=tmp_path,
+        progress=False,
+        stop_at=13,
+    )
     assert first.steps == 13
     resumed = fresh()  # a new process would start from scratch and read the checkpoint
-    train(resumed, TensorBatches(data, 256, seed=1), cfg(), run_dir=tmp_path, resume=True,
-          progress=False)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
-                            strict=True):
+    train(
+        resumed,
+        TensorBatches(data, 256, seed=1),
+        cfg(),
+        run_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
 
 
@@ -44,8 +57,9 @@ def test_scaling_is_folded_so_the_sae_takes_raw_inputs(data):
     torch.manual_seed(0)
     sae = make_training_sae("sa_gsae", D_IN, 64, 0.1)
     res = train(sae, TensorBatches(data, 256), cfg(total_steps=200), progress=False)
-    assert res.scaling_factor == pytest.approx((D_IN / data.pow(2).sum(-1).mean()).sqrt().item(),
-                                               rel=0.05)
+    assert res.scaling_factor == pytest.approx(
+        (D_IN / data.pow(2).sum(-1).mean()).sqrt().item(), rel=0.05
+    )
     x = data[:512]
     r2 = 1 - (sae.decode(sae.encode(x)) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert r2 > 0.5  # would be far off if the scale were not folded back
