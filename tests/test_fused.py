@@ -3,10 +3,11 @@
 import shutil
 
 import pytest
+import test_sae as sae_tests
 import torch
-from sae_lens.saes.sae import TrainStepInput
+from test_sae import step_input
 
-from sign_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
+from sign_sae import SAGSAETrainingSAE
 from sign_sae.training import TensorBatches, TrainConfig, train
 
 D_IN, D_SAE, BATCH = 16, 48, 256
@@ -25,30 +26,8 @@ VARIANTS = [
 
 
 def make_sae(seed: int = 0, **kwargs) -> SAGSAETrainingSAE:
-    """Random (not initial) parameters so that every gate, side and STE window is used."""
-    torch.manual_seed(seed)
-    sae = SAGSAETrainingSAE(
-        SAGSAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, bandwidth=0.5, **kwargs)
-    )
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if p.ndim == 1:
-                p.copy_(0.3 * torch.randn_like(p))
-            if name.startswith("threshold"):
-                p.abs_()
-            if name == "W_dec":
-                p.mul_(1 + torch.rand(D_SAE, 1))
-    return sae
-
-
-def step_input(x: torch.Tensor, coef: float = 0.7) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"sparsity": coef},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    """test_sae's random-parameter SAE, with a wide STE window so every window is used."""
+    return sae_tests.make_sae(seed, **{"bandwidth": 0.5, **kwargs})
 
 
 def run(sae: SAGSAETrainingSAE, x: torch.Tensor, fused: bool, output_grads: bool):
