@@ -4,7 +4,8 @@ A sweep file (YAML; ``load_sweep`` also takes the name of a profile in ``sign_sa
 lists models, hookpoints, token budgets, one training recipe and grid entries. An entry is one
 label: an architecture at a width in units of H (H = ``h_expansion`` x d_in), with sparsity
 values (coefficient, or k for TopK / AbsTopK), seeds, config options, optionally a subset of the
-hooks, and ``ablation_of`` naming the label it ablates. Every (model, hook, entry, sparsity,
+hooks, ``ablation_of`` naming the label it ablates, and ``train`` overrides of the recipe (for
+example ``target_l0``, or more steps for an equal-compute comparison). Every (model, hook, entry, sparsity,
 seed) is one run, identified by a hash of everything that determines its result.
 
     OUT/sweep.yaml                           the config as last run
@@ -27,7 +28,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -54,13 +55,15 @@ RESULTS_CSV = "results.csv"
 # The first columns of the table, in this order; any others follow in order of appearance.
 COLUMNS = [
     "config_hash", "model", "hook", "hook_kind", "label", "arch", "ablation_of", "width_factor",
-    "d_in", "d_sae", "sparsity", "seed", "options", "n_params", "n_params_train", "r2", "mse",
+    "d_in", "d_sae", "sparsity", "seed", "options", "train", "n_params", "n_params_train", "r2", "mse",
     "l0", "dead_fraction", "bipolar_fraction", "ce_clean", "ce_with_sae", "ce_zero_ablation",
     "ce_loss_recovered", "kl_with_sae", "n_tokens", "ce_tokens", "steps", "train_s", "eval_s",
     "wall_s",
 ]  # fmt: skip
 # TrainConfig fields that never change a result (left out of the run hash).
 _BOOKKEEPING = ("checkpoint_every", "log_every")
+# Controls left out of the hash while they are off, so that older runs keep their hashes.
+_OFF = {"target_l0": None, "lr_scales": {}}
 
 Columns = Callable[[Any, torch.Tensor], dict[str, Any]]
 Row = dict[str, Any]
@@ -78,8 +81,14 @@ class GridEntry:
     options: dict[str, Any] = field(default_factory=dict)
     hooks: list[str] | None = None  # a subset of the sweep's hooks; None = all
     ablation_of: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this entry
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(
+                f"Grid entry {self.label!r}: unknown train settings {unknown}; see TrainConfig."
+            )
         if self.arch not in ARCHITECTURES:
             raise ValueError(
                 f"Grid entry {self.label!r}: unknown architecture {self.arch!r}; choose one of "
@@ -206,12 +215,23 @@ def plan(cfg: SweepConfig) -> list[Run]:
     return runs
 
 
+def train_config(cfg: SweepConfig, entry: GridEntry, seed: int) -> TrainConfig:
+    """The sweep's training recipe with the entry's overrides and the run's seed."""
+    return replace(cfg.train, **entry.train, seed=seed)
+
+
 def _hash_key(
     cfg: SweepConfig, model: ModelSpec, hook: str, entry: GridEntry, sparsity: float, seed: int
 ) -> str:
     """sha256 of everything that determines a run's result."""
-    recipe = {k: v for k, v in asdict(cfg.train).items() if k not in _BOOKKEEPING}
-    recipe["seed"] = seed
+    recipe = asdict(train_config(cfg, entry, seed))
+    for k in _BOOKKEEPING:
+        recipe.pop(k)
+    for k, off in _OFF.items():
+        if recipe[k] == off:
+            recipe.pop(k)
+            if k == "target_l0":
+                recipe.pop("target_l0_rate")
     spec = {
         "model": model.name,
         "hook": hook,
@@ -380,7 +400,7 @@ def _one_run(
     folder = Path(cfg.out_dir) / "runs" / _safe(run.model.name) / _safe(run.hook) / run.folder_name
     if not (folder / "train.json").is_file():
         torch.manual_seed(run.seed)
-        tcfg = replace(cfg.train, seed=run.seed)
+        tcfg = train_config(cfg, entry, run.seed)
         sae = make_training_sae(
             entry.arch,
             d_in,
@@ -421,6 +441,7 @@ def _one_run(
         "sparsity": run.sparsity,
         "seed": run.seed,
         "options": json.dumps(entry.options, sort_keys=True),
+        "train": json.dumps(entry.train, sort_keys=True),
         "n_params_train": info["n_params_train"],
         **res.to_dict(),
         "ce_tokens": held.n_ce_tokens,

@@ -5,9 +5,14 @@ The SAE stays an SAELens TrainingSAE (SA-GSAE or a baseline) and is stepped thro
 step itself is deterministic, and checkpoints hold the SAE, Adam's state and the loop's
 counters, so a resumed run ends with the same weights as an uninterrupted one.
 
-Inputs are scaled by one scalar so that E||x||^2 = d_in; the factor is folded into the SAE
-when training ends (``fold_activation_norm_scaling_factor``), so the saved SAE takes raw
-activations.
+Inputs are scaled by one scalar so that E||x||^2 = d_in (measured on the whole source where
+it can say, so that it does not depend on the seed); the factor is folded into the SAE when
+training ends (``fold_activation_norm_scaling_factor``), so the saved SAE takes raw activations.
+
+Two optional controls: ``target_l0`` adapts the sparsity coefficient during training (a
+multiplicative integral controller on the batch L0, after the coefficient's warm-up), so that
+runs of different variants meet at the same L0; ``lr_scales`` gives parameters matched by
+name patterns their own learning rates.
 
 Under ``torchrun`` the loop is data-parallel (docs/distributed.md): rank r takes rows r::world of
 each global batch, gradients are summed over ranks with weights (local rows / global rows), so
@@ -16,6 +21,7 @@ they equal the 1-process gradient, and are clipped after that. Firing statistics
 on the number of ranks. Rank 0 alone writes checkpoints.
 """
 
+import fnmatch
 import json
 import logging
 import math
@@ -58,13 +64,22 @@ class TrainConfig:
     skip_nonfinite: bool = False  # drop rows with NaN/Inf (logged) instead of stopping
     log_every: int = 50
     seed: int = 0
+    target_l0: float | None = None  # adapt the sparsity coefficient until the batch L0 is this
+    target_l0_rate: float = 0.02  # log-gain change per step per unit of log(L0 / target)
+    lr_scales: dict[str, float] = field(default_factory=dict)  # name pattern -> lr multiplier
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        for name in ("lr", "target_l0_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be positive, got {self.target_l0}.")
+        bad = {k: v for k, v in self.lr_scales.items() if not v > 0}
+        if bad:
+            raise ValueError(f"lr_scales must be positive, got {bad}.")
 
 
 class BatchSource(Protocol):
@@ -139,9 +154,45 @@ def _coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:
 
 
 def estimate_scaling_factor(data: BatchSource, d_in: int, n_batches: int = 8) -> float:
-    """sqrt(d_in / E||x||^2) over the first batches of the source."""
+    """sqrt(d_in / E||x||^2): over every row of an in-memory source (``TensorBatches``), so
+    the factor does not depend on the seed; otherwise over the first ``n_batches`` batches."""
+    rows = getattr(data, "data", None)
+    if isinstance(rows, torch.Tensor):
+        sq = torch.cat([c.double().pow(2).sum(-1) for c in rows.split(65536)]).mean()
+        return math.sqrt(d_in / sq.item())
     sq = [data.batch(i).pow(2).sum(-1).mean() for i in range(n_batches)]
     return math.sqrt(d_in / torch.stack(sq).mean().item())
+
+
+SPARSITY_KEYS = ("sparsity", "l1", "l0")  # SA-GSAE, Gated, JumpReLU coefficient names
+
+
+def _sparsity_key(sae: TrainingSAE) -> str:
+    """The name of the SAE's sparsity coefficient, which ``target_l0`` scales."""
+    names = sae.get_coefficients()
+    for key in SPARSITY_KEYS:
+        if key in names:
+            return key
+    raise ValueError(
+        f"target_l0 needs an SAE with a sparsity coefficient ({', '.join(SPARSITY_KEYS)}); "
+        f"{type(sae).__name__} has {sorted(names) or 'none'}. TopK-style SAEs set L0 with k."
+    )
+
+
+def _param_groups(sae: TrainingSAE, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
+    """Adam parameter groups: one per learning-rate multiplier (the first matching pattern
+    in ``lr_scales`` decides; unmatched parameters keep 1)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used = set()
+    for name, param in sae.named_parameters():
+        pattern = next((p for p in lr_scales if fnmatch.fnmatchcase(name, p)), None)
+        used.add(pattern)
+        groups.setdefault(lr_scales.get(pattern, 1.0), []).append(param)
+    unused = sorted(set(lr_scales) - used)
+    if unused:
+        names = [n for n, _ in sae.named_parameters()]
+        raise ValueError(f"lr_scales patterns {unused} match no parameter; parameters: {names}.")
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
 def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
@@ -209,13 +260,19 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     world = distributed.get_world()
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = torch.optim.Adam(
+        _param_groups(sae, cfg.lr_scales), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
+    )
+    key = _sparsity_key(sae) if cfg.target_l0 is not None else None
     d_sae = sae.cfg.d_sae
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
-    start, history, wall_before = 0, [], 0.0
+    start, history, wall_before, log_gain = 0, [], 0.0, 0.0
     ckpt_root = run_dir / CHECKPOINT if run_dir is not None else None
     ckpt = latest_checkpoint(ckpt_root) if resume and ckpt_root is not None else None
     scale = estimate_scaling_factor(data, sae.cfg.d_in) if cfg.normalize and ckpt is None else 1.0
+    init = getattr(sae, "initialize_from_activations", None)
+    if ckpt is None and init is not None:
+        init(data.batch(0).to(sae.device, sae.dtype) * scale)
     if ckpt is not None:
         state = json.loads((ckpt / "trainer.json").read_text())
         sae.load_state_dict(read_weights(ckpt / "sae_weights.safetensors"))
@@ -223,7 +280,7 @@ def train(
         tokens_since_fired = opt_flat.pop("trainer.tokens_since_fired")
         _load_optimizer(opt, opt_flat, state["param_groups"])
         start, history, scale = state["step"], state["history"], state["scaling_factor"]
-        wall_before = state["wall_s"]
+        wall_before, log_gain = state["wall_s"], state.get("log_gain", 0.0)
         log.info("resumed from %s at step %d", ckpt, start)
     if world > 1:
         data = _local_share(data, world)
@@ -238,6 +295,7 @@ def train(
             "step": step,
             "scaling_factor": scale,
             "wall_s": wall,
+            "log_gain": log_gain,
             "history": history,
             "param_groups": groups,
             "train_config": asdict(cfg),
@@ -271,11 +329,14 @@ def train(
         x = _finite_rows(data.batch(step), step, cfg.skip_nonfinite)
         x = x.to(sae.device, sae.dtype) * scale
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = _lr_at(cfg, step) * group["lr_scale"]
+        coefficients = _coefficients(sae, step)
+        if key is not None:
+            coefficients[key] *= math.exp(log_gain)
         out = sae.training_forward_pass(
             TrainStepInput(
                 sae_in=x,
-                coefficients=_coefficients(sae, step),
+                coefficients=coefficients,
                 dead_neuron_mask=(tokens_since_fired >= cfg.dead_window_tokens).to(sae.device),
                 n_training_steps=step,
                 is_logging_step=False,
@@ -294,9 +355,15 @@ def train(
         with torch.no_grad():
             tokens_since_fired += n_rows
             tokens_since_fired[fired.cpu()] = 0
+        if key is not None and step >= _warm_up_steps(sae, key):
+            log_gain += cfg.target_l0_rate * math.log(
+                (_batch_l0(out, world) + 1) / (cfg.target_l0 + 1)
+            )
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.total_steps:
             row = _log_row(done, out, x) if world == 1 else _global_log_row(done, out, x)
+            if key is not None:
+                row["sparsity_coefficient"] = coefficients[key]
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
             log.debug("step %d %s", done, row)
@@ -312,6 +379,23 @@ def train(
     if scale != 1.0:
         sae.fold_activation_norm_scaling_factor(scale)
     return TrainResult(cfg.total_steps, wall, scale, history)
+
+
+def _warm_up_steps(sae: TrainingSAE, key: str) -> int:
+    c = sae.get_coefficients()[key]
+    return c.warm_up_steps if isinstance(c, TrainCoefficientConfig) else 0
+
+
+@torch.no_grad()
+def _batch_l0(out: Any, world: int) -> float:
+    """Mean number of nonzero latents per row of the (global) batch."""
+    acts = out.feature_acts.reshape(-1, out.feature_acts.shape[-1])
+    stats = torch.tensor(
+        [float((acts != 0).sum()), float(acts.shape[0])], dtype=torch.float64, device=acts.device
+    )
+    if world > 1:
+        distributed.all_reduce_sum(stats)
+    return (stats[0] / stats[1]).item()
 
 
 def _loss_error(step: int, loss: float) -> FloatingPointError:

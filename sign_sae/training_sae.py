@@ -13,9 +13,13 @@ Sparsity is on the gate only: ``gated_l1`` = lambda sum_i ||d_i|| (ReLU(pi - the
 ReLU(-pi - theta-)); ``l0_ste`` = lambda sum_i (g+ + g-) with rectangle-kernel straight-through
 gradients to the thresholds (then the gates in f also pass those gradients). ``aux_decoder``
 treats the decoder the same way in the aux term and in the penalty's norms: ``live`` (as
-SAELens's Gated SAE) or ``frozen`` (stop-gradient in both). Latents that have not fired for
+SAELens's Gated SAE) or ``frozen`` (stop-gradient in both); ``decoder_norm="unit"`` instead
+keeps decoder rows at unit norm and drops the norm weights. Thresholds are stored ``raw``
+(clamped at 0), as ``abs`` (theta = |t|) or ``log`` (theta = exp(t)); they start at
+``threshold_init`` or, with ``threshold_init_l0``, at per-latent quantiles of |pi| on the first
+batch so that the starting L0 is that number. Latents that have not fired for
 ``dead_reset_tokens`` tokens get their thresholds reset to ``threshold_init``.
-See docs/method.md for every choice and why.
+See docs/method.md for every choice and why, and docs/method-study.md for the measurements.
 
 ``training_forward_pass`` runs the step as one autograd Function (``sign_sae.fused``: one
 encoder product, no F-wide temporaries kept for the backward) and falls back to the reference
@@ -23,6 +27,7 @@ ops when hooks, run-time normalisation or gradients into the input need them. Bo
 losses and gradients (tests/test_fused.py). docs/performance.md has the measurements.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +45,14 @@ from sign_sae.sae import StrictSAGSAEConfig, check_input, save_sae_folder, valid
 
 Sparsity = Literal["gated_l1", "l0_ste"]
 AuxDecoder = Literal["live", "frozen"]
+ThresholdParam = Literal["raw", "abs", "log"]
+DecoderNorm = Literal["weighted", "unit"]
+CHOICES = {
+    "sparsity": ("gated_l1", "l0_ste"),
+    "aux_decoder": ("live", "frozen"),
+    "threshold_param": ("raw", "abs", "log"),
+    "decoder_norm": ("weighted", "unit"),
+}
 
 
 @dataclass(kw_only=True)
@@ -54,13 +67,15 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
     aux_coefficient: float = 1.0
     aux_decoder: AuxDecoder = "live"
     threshold_init: float = 1e-3
+    threshold_init_l0: float | None = None
+    threshold_param: ThresholdParam = "raw"
+    decoder_norm: DecoderNorm = "weighted"
     bandwidth: float = 1e-3
     dead_reset_tokens: int = 1_000_000
 
     def __post_init__(self) -> None:
         validate_dims(self.d_in, self.d_sae)
-        choices = {"sparsity": ("gated_l1", "l0_ste"), "aux_decoder": ("live", "frozen")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         for name in ("sparsity_coefficient", "aux_coefficient", "threshold_init"):
@@ -68,6 +83,12 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}.")
+        if self.threshold_param == "log" and self.threshold_init <= 0:
+            raise ValueError("threshold_param='log' needs threshold_init > 0 (theta = exp(t)).")
+        if self.threshold_init_l0 is not None and not 0 < self.threshold_init_l0 <= self.d_sae:
+            raise ValueError(
+                f"threshold_init_l0 must be in (0, d_sae={self.d_sae}], got {self.threshold_init_l0}."
+            )
         super().__post_init__()
 
 
@@ -104,9 +125,9 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
             )
 
         self.b_gate, self.r_mag, self.b_mag = vec(0.0), vec(0.0), vec(0.0)
-        self.threshold_pos = vec(cfg.threshold_init)
+        self.threshold_pos = vec(self._stored(cfg.threshold_init))
         if cfg.two_sided:
-            self.threshold_neg = vec(cfg.threshold_init)
+            self.threshold_neg = vec(self._stored(cfg.threshold_init))
             if not cfg.tied:
                 self.r_mag_neg, self.b_mag_neg = vec(0.0), vec(0.0)
         # Persistent so that checkpoints resume the dead-latent clock exactly.
@@ -130,10 +151,11 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         cfg = self.cfg
         pi = p + self.b_gate
         m_pos = self.hook_sae_acts_pre(p * self.r_mag.exp() + self.b_mag)
-        f = self._gate(pi, self.threshold_pos) * F.relu(m_pos)
+        theta_pos, theta_neg = self.thresholds()
+        f = self._gate(pi, theta_pos) * F.relu(m_pos)
         if cfg.two_sided:
             m_neg = m_pos if cfg.tied else p * self.r_mag_neg.exp() + self.b_mag_neg
-            f = f - self._gate(-pi, self.threshold_neg) * F.relu(-m_neg)
+            f = f - self._gate(-pi, theta_neg) * F.relu(-m_neg)
         return self.hook_sae_acts_post(f), m_pos, pi
 
     @override
@@ -150,16 +172,17 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         frozen = cfg.aux_decoder == "frozen"
         W_dec = self.W_dec.detach() if frozen else self.W_dec
         b_dec = self.b_dec.detach() if frozen else self.b_dec
-        u = F.relu(pi - self.threshold_pos)
+        theta_pos, theta_neg = self.thresholds()
+        u = F.relu(pi - theta_pos)
         if cfg.two_sided:
-            u_neg = F.relu(-pi - self.threshold_neg)
+            u_neg = F.relu(-pi - theta_neg)
         if cfg.sparsity == "gated_l1":
             mass = u + u_neg if cfg.two_sided else u
-            sparsity = (mass * W_dec.norm(dim=1)).sum(-1).mean()
+            sparsity = (mass * self._penalty_norms(W_dec)).sum(-1).mean()
         else:
-            opened = self._gate(pi, self.threshold_pos)
+            opened = self._gate(pi, theta_pos)
             if cfg.two_sided:
-                opened = opened + self._gate(-pi, self.threshold_neg)
+                opened = opened + self._gate(-pi, theta_neg)
             sparsity = opened.sum(-1).mean()
         losses = {"sparsity_loss": coefficient * sparsity}
         if cfg.aux_coefficient > 0:
@@ -238,7 +261,8 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         )
         norms = None
         if not spec.l0_ste:
-            norms = self.W_dec.detach().norm(dim=1) if spec.frozen else self.W_dec.norm(dim=1)
+            norms = self._penalty_norms(self.W_dec.detach() if spec.frozen else self.W_dec)
+        theta_pos, theta_neg = self.thresholds()
         untied = cfg.two_sided and not cfg.tied
         sae_out, f, m_pos, mse, sparsity, aux = SAGSAEStep.apply(
             spec,
@@ -250,8 +274,8 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
             self.W_dec,
             norms,
             self.b_gate,
-            self.threshold_pos,
-            self.threshold_neg if cfg.two_sided else None,
+            theta_pos,
+            theta_neg,
             self.r_mag,
             self.b_mag,
             self.r_mag_neg if untied else None,
@@ -277,27 +301,71 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
             )
         }
 
-    # ---- constraints and dead-latent resets ----------------------------------------------
-    def _thresholds(self) -> list[nn.Parameter]:
+    # ---- thresholds, constraints and dead-latent resets -----------------------------------
+    def thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(theta+, theta- or None): the thresholds on pi, from their stored parameters."""
+        mode = self.cfg.threshold_param
+        stored = [self.threshold_pos, self.threshold_neg if self.cfg.two_sided else None]
+        thetas = [
+            t if t is None or mode == "raw" else t.abs() if mode == "abs" else t.exp()
+            for t in stored
+        ]
+        return thetas[0], thetas[1]
+
+    def _stored(self, theta: torch.Tensor | float) -> torch.Tensor | float:
+        """The stored parameter value for threshold ``theta`` (inverse of ``thresholds``)."""
+        if self.cfg.threshold_param != "log":
+            return theta
+        return theta.log() if isinstance(theta, torch.Tensor) else math.log(theta)
+
+    def _threshold_params(self) -> list[nn.Parameter]:
         return [self.threshold_pos] + ([self.threshold_neg] if self.cfg.two_sided else [])
+
+    def _penalty_norms(self, W_dec: torch.Tensor) -> torch.Tensor:
+        """Per-latent weights of the gated-L1 penalty: decoder norms (1 for unit rows)."""
+        if self.cfg.decoder_norm == "unit":
+            return torch.ones(self.cfg.d_sae, dtype=W_dec.dtype, device=W_dec.device)
+        return W_dec.norm(dim=1)
 
     @torch.no_grad()
     def _clamp_thresholds(self) -> None:
-        for t in self._thresholds():
-            t.clamp_(min=0.0)
+        if self.cfg.threshold_param == "raw":
+            for t in self._threshold_params():
+                t.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def initialize_from_activations(self, x: torch.Tensor) -> None:
+        """Data-dependent start (called once by ``sign_sae.training.train`` on scaled inputs).
+
+        With ``threshold_init_l0`` = L, each latent's threshold becomes the (1 - L/d_sae)
+        quantile of |pi| over ``x``, so that at step 0 about L latents fire per token, each
+        about equally often, instead of every latent firing on every token.
+        """
+        if self.cfg.threshold_init_l0 is None:
+            return
+        pi = self.process_sae_in(x.to(self.dtype)) @ self.W_enc + self.b_gate
+        keep = min(
+            pi.shape[0], max(1, round(pi.shape[0] * self.cfg.threshold_init_l0 / self.cfg.d_sae))
+        )
+        theta = pi.abs().topk(keep, dim=0).values[-1]  # |pi| > theta for about `keep` rows
+        for t in self._threshold_params():
+            t.copy_(self._stored(theta))
 
     @torch.no_grad()
     def _constrain_and_reset(self) -> int:
-        """Clamp thresholds to >= 0 and reset those of latents dead for a full window."""
+        """Apply the constraints (thresholds >= 0, unit decoder rows where asked) and reset
+        the thresholds of latents dead for a full window."""
         self._clamp_thresholds()
+        if self.cfg.decoder_norm == "unit":
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
         window = self.cfg.dead_reset_tokens
         if window <= 0:
             return 0
         dead = self.tokens_since_fired >= window
         n_dead = int(dead.sum())
         if n_dead:
-            for t in self._thresholds():
-                t[dead] = self.cfg.threshold_init
+            for t in self._threshold_params():
+                t[dead] = self._stored(self.cfg.threshold_init)
             self.tokens_since_fired[dead] = 0
         return n_dead
 
@@ -309,8 +377,8 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
 
     # ---- folding and export --------------------------------------------------------------
     def _encoder_vectors(self) -> list[nn.Parameter]:
-        """Per-latent parameters on the scale of p (they scale with W_enc's columns)."""
-        vecs = [self.b_gate, self.b_mag, *self._thresholds()]
+        """Per-latent biases on the scale of p (they scale with W_enc's columns)."""
+        vecs = [self.b_gate, self.b_mag]
         if self.cfg.two_sided and not self.cfg.tied:
             vecs.append(self.b_mag_neg)
         return vecs
@@ -321,6 +389,8 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         norms = self.fold_and_get_W_dec_norm()
         for v in self._encoder_vectors():
             v.mul_(norms)
+        for t in self._threshold_params():  # thresholds are on the scale of p too
+            t.add_(norms.log()) if self.cfg.threshold_param == "log" else t.mul_(norms)
 
     @override
     @torch.no_grad()
@@ -339,6 +409,7 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """The folded Bi-Jump-ReLU parameters of ``sign_sae.SAGSAE`` (same function)."""
         self._clamp_thresholds()
+        theta_pos, theta_neg = self.thresholds()
         scale = self.r_mag.exp()
         state = {
             "W_enc": self.W_enc * scale,
@@ -346,15 +417,13 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
             "W_dec": self.W_dec.clone(),
             "b_dec": self.b_dec.clone(),
             # pi > theta+  <=>  m+ > exp(r)(theta+ - b_gate) + b_mag; ReLU adds m+ > 0.
-            "threshold_pos": (scale * (self.threshold_pos - self.b_gate) + self.b_mag).clamp(min=0),
+            "threshold_pos": (scale * (theta_pos - self.b_gate) + self.b_mag).clamp(min=0),
         }
         if self.cfg.two_sided:
             scale_neg = scale if self.cfg.tied else self.r_mag_neg.exp()
             b_neg = self.b_mag if self.cfg.tied else self.b_mag_neg
             # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.
-            state["threshold_neg"] = (scale_neg * (self.threshold_neg + self.b_gate) - b_neg).clamp(
-                min=0
-            )
+            state["threshold_neg"] = (scale_neg * (theta_neg + self.b_gate) - b_neg).clamp(min=0)
             if not self.cfg.tied:
                 state["scale_neg"] = scale_neg / scale
                 state["b_enc_neg"] = b_neg.clone()

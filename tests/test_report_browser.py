@@ -56,6 +56,12 @@ def browser():
         context.close()
 
 
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"Browser test cannot run under CI: {reason}.")
@@ -95,8 +101,10 @@ def test_report_loads_offline_mounts_circuitsvis_and_keeps_tokens_inert(browser,
     page = visit.page
     n = page.eval_on_selector_all(".cv", "els => els.length")
     assert n == 2 * 2 * 2 * 2
-    page.wait_for_function(f"document.querySelectorAll('.cv[data-mounted]').length === {n}")
-    page.wait_for_function(f"document.querySelectorAll('.cv .colored-tokens').length === {n}")
+    # locator assertions poll from Playwright's injected script; wait_for_function would need
+    # eval, which the report's CSP forbids
+    expect(page.locator(".cv[data-mounted]")).to_have_count(n)
+    expect(page.locator(".cv .colored-tokens")).to_have_count(n)
     # every component drew one coloured span per token
     spans = page.eval_on_selector_all(
         ".cv .colored-tokens", "els => els.map(e => e.children.length)"
