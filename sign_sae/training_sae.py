@@ -344,10 +344,10 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         if self.cfg.threshold_init_l0 is None:
             return
         pi = self.process_sae_in(x.to(self.dtype)) @ self.W_enc + self.b_gate
-        keep = min(
-            pi.shape[0], max(1, round(pi.shape[0] * self.cfg.threshold_init_l0 / self.cfg.d_sae))
-        )
-        theta = pi.abs().topk(keep, dim=0).values[-1]  # |pi| > theta for about `keep` rows
+        rows = pi.shape[0]
+        keep = min(rows - 1, max(1, round(rows * self.cfg.threshold_init_l0 / self.cfg.d_sae)))
+        top = pi.abs().topk(keep + 1, dim=0).values
+        theta = (top[-2] + top[-1]) / 2  # between the keep-th and next: |pi| > theta on keep rows
         for t in self._threshold_params():
             t.copy_(self._stored(theta))
 

@@ -22,6 +22,11 @@ VARIANTS = [
     for sparsity in ("gated_l1", "l0_ste")
     for decoder in ("live", "frozen")
     for aux in (1.0, 0.0)
+] + [
+    dict(tied=True, two_sided=True, threshold_param="log"),
+    dict(tied=False, two_sided=True, threshold_param="abs", sparsity="l0_ste"),
+    dict(tied=True, two_sided=True, decoder_norm="unit"),
+    dict(tied=True, two_sided=True, decoder_norm="unit", aux_decoder="frozen"),
 ]
 
 

@@ -18,6 +18,8 @@ VARIANTS = [
     dict(tied=True, two_sided=False),
     dict(tied=True, two_sided=True, sparsity="l0_ste"),
     dict(tied=True, two_sided=True, aux_decoder="frozen"),
+    dict(tied=True, two_sided=True, threshold_param="log"),
+    dict(tied=False, two_sided=True, threshold_param="abs", decoder_norm="unit"),
 ]
 
 
@@ -30,7 +32,7 @@ def make_sae(seed: int = 0, **kwargs) -> SAGSAETrainingSAE:
             if p.ndim == 1:
                 p.copy_(0.3 * torch.randn_like(p))
             if name.startswith("threshold"):
-                p.abs_()
+                p.copy_(sae._stored(p.abs()))  # thresholds of about 0.3, however stored
             if name == "W_dec":
                 p.mul_(1 + torch.rand(D_SAE, 1))  # non-unit norms for the fold tests
     return sae
@@ -225,6 +227,54 @@ def test_l0_ste_trains_thresholds_through_the_gates(x):
     assert sae.threshold_pos.grad.abs().sum() > 0 and sae.threshold_neg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("param", ["abs", "log"])
+def test_threshold_parametrisations_are_the_same_function(param, x):
+    raw = make_sae()
+    other = make_sae(threshold_param=param)
+    with torch.no_grad():
+        for name, p in raw.named_parameters():
+            if name.startswith("threshold"):  # theta = |t| with t < 0, or exp(t)
+                p = -p if param == "abs" else p.log()
+            other.get_parameter(name).copy_(p)
+    torch.testing.assert_close(other.encode(x), raw.encode(x))
+    a = raw.training_forward_pass(step_input(x))
+    b = other.training_forward_pass(step_input(x))
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    # the chain rule through theta = |t| or exp(t)
+    factor = -1.0 if param == "abs" else raw.threshold_pos.detach()
+    torch.testing.assert_close(other.threshold_pos.grad, raw.threshold_pos.grad * factor)
+
+
+def test_calibrated_threshold_init_sets_the_starting_l0(x):
+    torch.manual_seed(0)
+    sae = SAGSAETrainingSAE(
+        SAGSAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, threshold_init_l0=6, threshold_param="log")
+    )
+    assert (sae.encode(x) != 0).sum(-1).float().mean() > 0.9 * D_SAE  # small init: all fire
+    sae.initialize_from_activations(x)
+    fired = sae.encode(x) != 0
+    # each latent fires on round(256 * 6 / 48) = 32 of the 256 rows, with either sign
+    assert fired.sum(0).tolist() == [32] * D_SAE
+    assert (sae.encode(x) < 0).any() and (sae.encode(x) > 0).any()
+    assert fired.sum(-1).float().mean().item() == pytest.approx(6.0)
+    # resets go back to the small threshold_init, not to the calibrated values
+    sae.tokens_since_fired[:3] = sae.cfg.dead_reset_tokens
+    sae.training_forward_pass(step_input(x))
+    assert sae.thresholds()[0][:3].tolist() == pytest.approx([sae.cfg.threshold_init] * 3)
+
+
+def test_unit_decoder_keeps_rows_at_unit_norm_and_drops_norm_weights(x):
+    sae = make_sae(decoder_norm="unit")
+    sae.training_forward_pass(step_input(x)).loss.backward()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    pi = sae.process_sae_in(x) @ sae.W_enc + sae.b_gate
+    u = torch.relu(pi - sae.threshold_pos) + torch.relu(-pi - sae.threshold_neg)
+    sparsity = sae._gate_losses(pi, x, 1.0)["sparsity_loss"]
+    torch.testing.assert_close(sparsity, u.sum(-1).mean())
+
+
 # ---- bad input --------------------------------------------------------------------------
 def test_wrong_width_is_a_clear_error():
     sae = make_sae()
@@ -255,6 +305,11 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
         (dict(sparsity="l2"), "sparsity must be one of"),
         (dict(aux_decoder="half"), "aux_decoder must be one of"),
         (dict(threshold_init=-1.0), "threshold_init must be >= 0"),
+        (dict(threshold_param="exp"), "threshold_param must be one of"),
+        (dict(decoder_norm="free"), "decoder_norm must be one of"),
+        (dict(threshold_param="log", threshold_init=0.0), "needs threshold_init > 0"),
+        (dict(threshold_init_l0=0), "threshold_init_l0 must be in"),
+        (dict(threshold_init_l0=D_SAE + 1), "threshold_init_l0 must be in"),
     ],
 )
 def test_bad_training_config(kwargs, match):

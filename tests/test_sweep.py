@@ -122,6 +122,21 @@ def test_plan_orders_by_entry_and_hashes_only_what_changes_a_result(tmp_path):
     assert not set(r.config_hash for r in sweep.plan(longer)) & set(hashes)
 
 
+def test_entry_train_overrides_change_the_hash_only_when_they_change_the_recipe(tmp_path):
+    def hashes(**train) -> list[str]:
+        entry = {"label": "sa", "arch": "sa_gsae", "sparsity": [1.0], "train": train}
+        cfg = tiny_sweep(tmp_path, grid=[entry])
+        assert sweep.train_config(cfg, cfg.grid[0], 3).seed == 3
+        return [r.config_hash for r in sweep.plan(cfg)]
+
+    plain = hashes()
+    # controls that are off leave the hash as it was before they existed
+    assert hashes(target_l0=None, target_l0_rate=0.5, lr_scales={}) == plain
+    assert hashes(total_steps=8) == plain  # the sweep's own value
+    for changed in (hashes(total_steps=16), hashes(target_l0=4.0), hashes(lr_scales={"b_*": 2})):
+        assert not set(changed) & set(plain)
+
+
 def test_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture"):
         tiny_sweep(tmp_path, grid=[{"label": "x", "arch": "nope", "sparsity": [1]}])
@@ -131,6 +146,10 @@ def test_bad_configs_are_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="Unknown GridEntry"):
         tiny_sweep(tmp_path, grid=[{"label": "x", "arch": "gated", "sparsity": [1], "k": 3}])
+    with pytest.raises(ValueError, match=r"unknown train settings \['steps'\]"):
+        tiny_sweep(
+            tmp_path, grid=[{"label": "x", "arch": "gated", "sparsity": [1], "train": {"steps": 3}}]
+        )
 
 
 def test_a_crashed_sweep_resumes_without_redoing_finished_runs(tmp_path, loader, monkeypatch):
@@ -219,7 +238,7 @@ def test_held_out_refuses_activations_that_do_not_match_the_tokens(model):
         HeldOut(model, torch.zeros(2, CONTEXT, dtype=torch.long), {"h": torch.zeros(32, 16)})
 
 
-@pytest.mark.parametrize("name", ["cpu", "paper", "gpu-smoke"])
+@pytest.mark.parametrize("name", ["cpu", "paper", "gpu-smoke", "study"])
 def test_profiles_load(name):
     cfg = sweep.load_sweep(name)
     assert cfg.grid and sweep.plan(cfg)

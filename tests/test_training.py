@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from sign_sae.architectures import ARCHITECTURES, make_training_sae, parameter_count
-from sign_sae.training import TensorBatches, TrainConfig, _lr_at, train
+from sign_sae.training import (
+    TensorBatches,
+    TrainConfig,
+    _lr_at,
+    _param_groups,
+    estimate_scaling_factor,
+    train,
+)
 
 D_IN = 24
 
@@ -20,19 +27,25 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("arch, sparsity", [("sa_gsae", 0.5), ("gated", 0.5), ("topk", 8)])
-def test_resume_gives_the_same_weights(arch, sparsity, data, tmp_path):
+CONTROLS = dict(target_l0=4.0, lr_scales={"threshold_*": 3.0}, normalize=True)
+
+
+@pytest.mark.parametrize(
+    "arch, sparsity, controls",
+    [("sa_gsae", 0.5, {}), ("gated", 0.5, {}), ("topk", 8, {}), ("sa_gsae", 0.5, CONTROLS)],
+)
+def test_resume_gives_the_same_weights(arch, sparsity, controls, data, tmp_path):
     def fresh():
         torch.manual_seed(0)
         return make_training_sae(arch, D_IN, 64, sparsity, warm_up_steps=5)
 
     straight = fresh()
-    train(straight, TensorBatches(data, 256, seed=1), cfg(), progress=False)
+    train(straight, TensorBatches(data, 256, seed=1), cfg(**controls), progress=False)
     paused = fresh()
     first = train(
         paused,
         TensorBatches(data, 256, seed=1),
-        cfg(),
+        cfg(**controls),
         run_dir=tmp_path,
         progress=False,
         stop_at=13,
@@ -42,7 +55,7 @@ def test_resume_gives_the_same_weights(arch, sparsity, data, tmp_path):
     train(
         resumed,
         TensorBatches(data, 256, seed=1),
-        cfg(),
+        cfg(**controls),
         run_dir=tmp_path,
         resume=True,
         progress=False,
@@ -63,6 +76,44 @@ def test_scaling_is_folded_so_the_sae_takes_raw_inputs(data):
     x = data[:512]
     r2 = 1 - (sae.decode(sae.encode(x)) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert r2 > 0.5  # would be far off if the scale were not folded back
+
+
+def test_scaling_factor_does_not_depend_on_the_seed(data):
+    factors = {estimate_scaling_factor(TensorBatches(data, 256, seed=s), D_IN) for s in range(3)}
+    assert len(factors) == 1
+    assert factors.pop() == pytest.approx((D_IN / data.pow(2).sum(-1).mean()).sqrt().item())
+
+
+@pytest.mark.parametrize("arch", ["sa_gsae", "gated"])
+def test_target_l0_steers_the_sparsity_coefficient_to_the_target(arch, data):
+    def final_l0(**kw) -> tuple[float, float]:
+        torch.manual_seed(0)
+        sae = make_training_sae(arch, D_IN, 64, 0.05, warm_up_steps=10)
+        res = train(sae, TensorBatches(data, 256), cfg(total_steps=400, **kw), progress=False)
+        return res.history[-1]["l0"], res.history[-1].get("sparsity_coefficient", 0.05)
+
+    free, _ = final_l0()
+    assert free > 20  # this coefficient alone leaves many latents on
+    targeted, coefficient = final_l0(target_l0=5.0)
+    assert 3.0 < targeted < 8.0
+    assert coefficient > 0.5  # raised more than tenfold to get there
+
+
+def test_lr_scales_give_matched_parameters_their_own_learning_rate():
+    sae = make_training_sae("sa_gsae", D_IN, 32, 1.0)
+    groups = _param_groups(sae, {"threshold_*": 10.0, "b_gate": 0.5})
+    scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scales[id(sae.threshold_pos)] == scales[id(sae.threshold_neg)] == 10.0
+    assert scales[id(sae.b_gate)] == 0.5 and scales[id(sae.W_enc)] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))
+    with pytest.raises(ValueError, match=r"\['thresh'\] match no parameter"):
+        _param_groups(sae, {"thresh": 2.0})
+
+
+def test_target_l0_needs_a_sparsity_coefficient(data):
+    sae = make_training_sae("topk", D_IN, 32, 4)
+    with pytest.raises(ValueError, match="TopK-style SAEs set L0 with k"):
+        train(sae, TensorBatches(data, 256), cfg(target_l0=4.0), progress=False)
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -92,3 +143,7 @@ def test_every_architecture_builds_and_counts_parameters():
 def test_bad_train_config():
     with pytest.raises(ValueError, match="total_steps must be positive"):
         TrainConfig(total_steps=0)
+    with pytest.raises(ValueError, match="target_l0 must be positive"):
+        TrainConfig(target_l0=0.0)
+    with pytest.raises(ValueError, match="lr_scales must be positive"):
+        TrainConfig(lr_scales={"W_enc": 0.0})
