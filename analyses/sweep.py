@@ -112,13 +112,19 @@ def dead_plot(cell: CellReport) -> str:
 
 
 def standalone(
-    series: Sequence[plots.Series], title: str, xlabel: str, ylabel: str, labels: list[str]
+    series: Sequence[plots.Series],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    labels: list[str],
+    xlog: bool = True,
 ) -> str:
-    """A self-contained SVG file: ``plots.chart``'s SVG (log L0 axis with a margin) with its
-    styles and the legend drawn inside (the chart's HTML legend needs a page around it)."""
+    """A self-contained SVG file: ``plots.chart``'s SVG (by default a log x axis with a margin)
+    with its styles and the legend drawn inside (the chart's HTML legend needs a page around
+    it). ``labels`` are the legend's entries, in palette order."""
     xs = [x for s in series for x in s.x if x > 0]
-    xlim = (min(xs) / _XPAD, max(xs) * _XPAD) if xs else None
-    figure = plots.chart(series, title, xlabel, ylabel, xlog=True, xlim=xlim, size=_SIZE)
+    xlim = (min(xs) / _XPAD, max(xs) * _XPAD) if xs and xlog else None
+    figure = plots.chart(series, title, xlabel, ylabel, xlog=xlog, xlim=xlim, size=_SIZE)
     inner = figure[figure.index("<svg") : figure.index("</svg>") + len("</svg>")]
     w, h = _SIZE
     legend = []

@@ -180,15 +180,18 @@ def _sparsity_key(sae: TrainingSAE) -> str:
 
 
 def _param_groups(sae: TrainingSAE, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
-    """Adam parameter groups: one per learning-rate multiplier (the first matching pattern
-    in ``lr_scales`` decides; unmatched parameters keep 1)."""
+    """Adam parameter groups: one per learning-rate multiplier. The first pattern of
+    ``lr_scales`` that matches a parameter's name decides, then the SAE's own ``lr_scales()``
+    (SA-GSAE's ``threshold_lr_scale``); other parameters keep 1."""
+    own = getattr(sae, "lr_scales", dict)()
     groups: dict[float, list[torch.nn.Parameter]] = {}
     used = set()
     for name, param in sae.named_parameters():
         pattern = next((p for p in lr_scales if fnmatch.fnmatchcase(name, p)), None)
         used.add(pattern)
-        groups.setdefault(lr_scales.get(pattern, 1.0), []).append(param)
-    unused = sorted(set(lr_scales) - used)
+        scale = lr_scales[pattern] if pattern is not None else own.get(name, 1.0)
+        groups.setdefault(scale, []).append(param)
+    unused = sorted(set(lr_scales) - used - {None})
     if unused:
         names = [n for n, _ in sae.named_parameters()]
         raise ValueError(f"lr_scales patterns {unused} match no parameter; parameters: {names}.")

@@ -69,6 +69,7 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
     threshold_init: float = 1e-3
     threshold_init_l0: float | None = None
     threshold_param: ThresholdParam = "raw"
+    threshold_lr_scale: float = 1.0
     decoder_norm: DecoderNorm = "weighted"
     bandwidth: float = 1e-3
     dead_reset_tokens: int = 1_000_000
@@ -81,8 +82,9 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
         for name in ("sparsity_coefficient", "aux_coefficient", "threshold_init"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.bandwidth <= 0:
-            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}.")
+        for name in ("bandwidth", "threshold_lr_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.threshold_param == "log" and self.threshold_init <= 0:
             raise ValueError("threshold_param='log' needs threshold_init > 0 (theta = exp(t)).")
         if self.threshold_init_l0 is not None and not 0 < self.threshold_init_l0 <= self.d_sae:
@@ -317,6 +319,12 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         if self.cfg.threshold_param != "log":
             return theta
         return theta.log() if isinstance(theta, torch.Tensor) else math.log(theta)
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (``sign_sae.training.train`` applies
+        them; SAELens's own trainer does not): the thresholds get ``threshold_lr_scale``."""
+        names = ["threshold_pos"] + (["threshold_neg"] if self.cfg.two_sided else [])
+        return dict.fromkeys(names, self.cfg.threshold_lr_scale)
 
     def _threshold_params(self) -> list[nn.Parameter]:
         return [self.threshold_pos] + ([self.threshold_neg] if self.cfg.two_sided else [])

@@ -306,6 +306,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
         (dict(aux_decoder="half"), "aux_decoder must be one of"),
         (dict(threshold_init=-1.0), "threshold_init must be >= 0"),
         (dict(threshold_param="exp"), "threshold_param must be one of"),
+        (dict(threshold_lr_scale=0.0), "threshold_lr_scale must be > 0"),
         (dict(decoder_norm="free"), "decoder_norm must be one of"),
         (dict(threshold_param="log", threshold_init=0.0), "needs threshold_init > 0"),
         (dict(threshold_init_l0=0), "threshold_init_l0 must be in"),

@@ -108,6 +108,16 @@ def test_lr_scales_give_matched_parameters_their_own_learning_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))
     with pytest.raises(ValueError, match=r"\['thresh'\] match no parameter"):
         _param_groups(sae, {"thresh": 2.0})
+    # SA-GSAE's own threshold_lr_scale applies unless a pattern overrides it
+    own = make_training_sae("sa_gsae", D_IN, 32, 1.0, threshold_lr_scale=4.0)
+    scales = {id(p): g["lr_scale"] for g in _param_groups(own, {}) for p in g["params"]}
+    assert scales[id(own.threshold_neg)] == 4.0 and scales[id(own.b_mag)] == 1.0
+    scales = {
+        id(p): g["lr_scale"]
+        for g in _param_groups(own, {"threshold_neg": 2.0})
+        for p in g["params"]
+    }
+    assert scales[id(own.threshold_neg)] == 2.0 and scales[id(own.threshold_pos)] == 4.0
 
 
 def test_target_l0_needs_a_sparsity_coefficient(data):

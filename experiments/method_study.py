@@ -1,0 +1,289 @@
+"""The method study's tables and plots (docs/method-study.md) from its sweep.
+
+    sign-sae sweep study                                   # trains and evaluates every run
+    sign-sae frontier runs/study/results.csv --reference default --out docs/method-study
+    python experiments/method_study.py runs/study --out docs/method-study
+
+Writes ``study.md`` (the variant screen against the default's and Gated 2H's frontiers, step
+costs and the equal-compute comparison, convergence over training, and the polarity census at
+initialisation and from a one-signed start), ``convergence_*.svg`` and a copy of the results
+table. The census controls train one extra SAE per hook (``--skip-controls`` leaves them out).
+"""
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analyses.report import plots
+from analyses.sweep import polarity_columns, standalone
+from sign_sae.architectures import make_training_sae
+from sign_sae.frontier import Curve, compare, curves, interpolate
+from sign_sae.harvest import ActivationCache
+from sign_sae.storage import atomic_write_text
+from sign_sae.sweep import load_sweep, read_results, train_config
+from sign_sae.training import TensorBatches, estimate_scaling_factor, train
+
+REFERENCE, BASELINE, EQUAL_COMPUTE = "default", "gated_2H", "default_2x_steps"
+CONTROL_HOOKS = ("mlp_out", "attn_out")
+STUDY_RESET_WINDOW = 65536
+SKEW = 10  # the one-signed start: the negative side opens ten times less often
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("sweep_dir", type=Path, help="the study sweep's out_dir (runs/study)")
+    p.add_argument("--out", type=Path, default=Path("docs/method-study"))
+    p.add_argument("--skip-controls", action="store_true", help="no census controls")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = read_results(a.sweep_dir / "results.csv")
+    shutil.copyfile(a.sweep_dir / "results.csv", a.out / "results.csv")
+    parts = [
+        "# Method study: generated tables\n",
+        "Written by `python experiments/method_study.py runs/study` from the study sweep "
+        "(`sign-sae sweep study`); docs/method-study.md reads them.\n",
+        screen(rows),
+        frontiers(rows),
+        step_costs(rows),
+        convergence(rows, a.sweep_dir, a.out),
+    ]
+    if not a.skip_controls:
+        parts.append(census_controls(a.sweep_dir))
+    atomic_write_text(a.out / "study.md", "\n".join(parts))
+    print((a.out / "study.md").read_text())
+
+
+# ---- the variant screen ------------------------------------------------------------------
+def _curve(rows: Sequence[dict], hook: str, label: str) -> Curve | None:
+    picked = [r for r in rows if r["hook_kind"] == hook and r["label"] == label and r["l0"] > 0]
+    return curves(picked).get(label)
+
+
+def gap(curve: Curve | None, l0: float, r2: float) -> float | None:
+    """R^2 minus the curve's frontier R^2 at the same L0 (None outside its L0 range)."""
+    if curve is None or len(curve.frontier) < 2:
+        return None
+    f = curve.frontier
+    if not f[0].l0 <= l0 <= f[-1].l0:
+        return None
+    return r2 - interpolate([p.l0 for p in f], [p.r2 for p in f], l0)
+
+
+def screen(rows: Sequence[dict]) -> str:
+    """Every MLP-out run against the default's and Gated 2H's frontiers at its own L0."""
+    ref, base = _curve(rows, "mlp_out", REFERENCE), _curve(rows, "mlp_out", BASELINE)
+    head = [
+        "label", "switch", "coef", "L0", "R^2", "dR^2 vs default", "dR^2 vs Gated 2H",
+        "dead", "CE rec.", "KL", "bipolar", "null", "train s",
+    ]  # fmt: skip
+    body = []
+    for r in sorted(
+        (r for r in rows if r["hook_kind"] == "mlp_out"),
+        key=lambda r: (r["label"] not in (REFERENCE, BASELINE), r["label"], r["sparsity"]),
+    ):
+        switch = {**json.loads(r["options"]), **json.loads(r.get("train") or "{}")}
+        if switch.get("dead_reset_tokens") == STUDY_RESET_WINDOW:  # every run's, unless off
+            del switch["dead_reset_tokens"]
+        body.append(
+            [
+                r["label"], _switch(switch), r["sparsity"], r["l0"], r["r2"],
+                gap(ref, r["l0"], r["r2"]) if r["label"] != REFERENCE else None,
+                gap(base, r["l0"], r["r2"]) if r["label"] != BASELINE else None,
+                r["dead_fraction"], r["ce_loss_recovered"], r["kl_with_sae"],
+                r.get("census_bipolar_fraction"), r.get("null_bipolar_fraction"), r["train_s"],
+            ]
+        )  # fmt: skip
+    return (
+        "## Variant screen (MLP-out)\n\n"
+        "dR^2 = the run's held-out R^2 minus the frontier's R^2 interpolated (linear in log L0) "
+        "at the run's L0; blank outside that frontier's L0 range. bipolar = share of alive "
+        "latents with balance >= 0.1; null = the same after the sign-flip null.\n\n"
+        + _table(head, body)
+    )
+
+
+def _switch(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+
+
+# ---- frontiers ----------------------------------------------------------------------------
+def frontiers(rows: Sequence[dict]) -> str:
+    """Default vs Gated 2H per hook, and the longer SA-GSAE runs against Gated 2H."""
+    head = ["hook", "SA-GSAE curve", "L0 overlap", "dominates", "min dR^2", "max dR^2"]
+    body = []
+    for hook in ("mlp_out", "resid_mid", "attn_out"):
+        base = _curve(rows, hook, BASELINE)
+        for label in (REFERENCE, EQUAL_COMPUTE):
+            ref = _curve(rows, hook, label)
+            if ref is None or base is None:
+                continue
+            c = compare(ref, base)
+            span = f"{c.overlap[0]:.1f}-{c.overlap[1]:.1f}" if c.overlap else "none"
+            body.append([hook, label, span, c.dominates, c.min_gap, c.max_gap])
+    return (
+        "## SA-GSAE at H against Gated at 2H\n\n"
+        "dR^2 = SA-GSAE frontier minus Gated 2H frontier over the overlapping L0 range; "
+        "dominates = above it everywhere there.\n\n" + _table(head, body)
+    )
+
+
+def step_costs(rows: Sequence[dict]) -> str:
+    """Training seconds per step by label and hook, and the ratio to Gated 2H."""
+    head = ["hook", "label", "runs", "s / step", "Gated 2H / this"]
+    body = []
+    for hook in ("mlp_out", "resid_mid", "attn_out"):
+        per = {}
+        for label in (REFERENCE, EQUAL_COMPUTE, BASELINE):
+            rs = [r for r in rows if r["hook_kind"] == hook and r["label"] == label]
+            if rs:
+                per[label] = (len(rs), _median([r["train_s"] / r["steps"] for r in rs]))
+        for label, (n, s) in per.items():
+            ratio = per[BASELINE][1] / s if BASELINE in per else None
+            body.append([hook, label, n, s, ratio])
+    return (
+        "## Step cost\n\nMedian training wall time per step over the runs (2 CPU threads; "
+        "the other runs of the sweep were the only load).\n\n" + _table(head, body)
+    )
+
+
+# ---- convergence --------------------------------------------------------------------------
+def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
+    """Training-batch L0 and R^2 over steps for the MLP-out frontier runs, as a table of
+    quarters and two SVG plots."""
+    head = ["label", "coef", "steps", "L0 at 1/4, 1/2, 3/4, end", "R^2 at 1/4, 1/2, 3/4, end"]
+    body, series = [], {"l0": [], "r2": []}
+    picked = [
+        r
+        for r in rows
+        if r["hook_kind"] == "mlp_out" and r["label"] in (REFERENCE, BASELINE, EQUAL_COMPUTE)
+    ]
+    picked.sort(key=lambda r: (r["label"], r["sparsity"]))
+    for i, r in enumerate(picked):
+        hist = json.loads((sweep_dir / r["folder"] / "train.json").read_text())["history"]
+        steps = [h["step"] for h in hist]
+        quarters = [hist[max(0, round(len(hist) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)]
+        body.append(
+            [
+                r["label"], r["sparsity"], r["steps"],
+                " / ".join(f"{h['l0']:.1f}" for h in quarters),
+                " / ".join(f"{h['r2']:.3f}" for h in quarters),
+            ]
+        )  # fmt: skip
+        name = f"{r['label']} {r['sparsity']:g}"
+        for key in series:
+            series[key].append(
+                plots.Series(
+                    name,
+                    steps,
+                    [h[key] for h in hist],
+                    plots.color(i),
+                    dashed=r["label"] == BASELINE,
+                )
+            )
+    labels = [s.label for s in series["r2"]]
+    for key, ylabel in (("l0", "L0 (training batch)"), ("r2", "R^2 (training batch)")):
+        svg = standalone(
+            series[key], f"MLP-out: {key} over training", "step", ylabel, labels, False
+        )
+        atomic_write_text(out / f"convergence_{key}.svg", svg)
+    return (
+        "## Convergence (MLP-out)\n\nL0 and R^2 of the training batch at each quarter of the "
+        "run (plots: convergence_l0.svg, convergence_r2.svg).\n\n" + _table(head, body)
+    )
+
+
+# ---- polarity controls --------------------------------------------------------------------
+def census_controls(sweep_dir: Path) -> str:
+    """The census of the default SA-GSAE at initialisation, with small and calibrated
+    thresholds, and after training from a one-signed start (the negative side calibrated to
+    open ten times less often than the positive, so every latent starts unipolar)."""
+    cfg = load_sweep(sweep_dir / "sweep.yaml")
+    entry = next(e for e in cfg.grid if e.label == REFERENCE)
+    tcfg = train_config(cfg, entry, 0)
+    warm_up = tcfg.total_steps // 10
+    acts_dir = sweep_dir / "activations" / cfg.models[0].name
+    head = ["hook", "SAE", "L0", "bipolar", "null", "R^2"]
+    body = []
+    for hook in CONTROL_HOOKS:
+        name = f"blocks.15.hook_{hook}"
+        train_acts = ActivationCache.open(acts_dir / "train" / name).load()
+        held = ActivationCache.open(acts_dir / "eval" / name).load().float()
+        batches = TensorBatches(train_acts, tcfg.batch_size)
+        scale = estimate_scaling_factor(batches, train_acts.shape[1])
+        first = batches.batch(0) * scale
+        for title, extra in (("init, threshold 1e-3", {}), ("init, L0 64", {"l0": 64})):
+            sae = _sae(entry, train_acts.shape[1], warm_up, extra.get("l0"))
+            sae.initialize_from_activations(first)
+            sae.fold_activation_norm_scaling_factor(scale)
+            body.append([hook, title, *_census(sae, held)])
+        sae = _sae(entry, train_acts.shape[1], warm_up, 64)
+        sae.initialize_from_activations(first)
+        with torch.no_grad():  # the negative side opens SKEW times less often
+            pi = sae.process_sae_in(first) @ sae.W_enc + sae.b_gate
+            q = 1 - 64 / SKEW / sae.cfg.d_sae
+            sae.threshold_neg.copy_(torch.quantile(-pi, q, dim=0))
+        sae.cfg.threshold_init_l0 = None  # train() must not recalibrate
+        start = _census(_folded(sae, scale), held)
+        body.append([hook, f"one-signed start (negative {SKEW}x rarer)", *start])
+        train(sae, batches, tcfg, progress=True)
+        body.append([hook, f"trained from it, coef {entry.sparsity[1]:g}", *_census(sae, held)])
+    return (
+        "## Polarity census controls\n\nHeld-out census (balance >= 0.1 among alive latents) "
+        "of the default at initialisation, and of an SA-GSAE trained from a start where every "
+        f"latent opens its negative side {SKEW} times less often than its positive side "
+        "(so it starts below the 0.1 balance line).\n\n" + _table(head, body)
+    )
+
+
+def _sae(entry: Any, d_in: int, warm_up: int, threshold_init_l0: float | None) -> Any:
+    """The default SA-GSAE at H, as the sweep builds it (seed 0, its coefficient 5)."""
+    torch.manual_seed(0)
+    options = {**entry.options, "threshold_init_l0": threshold_init_l0}
+    return make_training_sae("sa_gsae", d_in, d_in, entry.sparsity[1], warm_up, **options)
+
+
+def _folded(sae: Any, scale: float) -> Any:
+    copy = make_training_sae("sa_gsae", sae.cfg.d_in, sae.cfg.d_sae, 1.0)
+    copy.load_state_dict(sae.state_dict())
+    copy.fold_activation_norm_scaling_factor(scale)
+    return copy
+
+
+@torch.no_grad()
+def _census(sae: Any, held: torch.Tensor) -> list[float]:
+    cols = polarity_columns(sae, held)
+    x_hat = sae.decode(sae.encode(held))
+    r2 = 1 - (x_hat - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum()
+    l0 = (sae.encode(held) != 0).sum(-1).float().mean()
+    return [l0.item(), cols["census_bipolar_fraction"], cols["null_bipolar_fraction"], r2.item()]
+
+
+# ---- formatting ---------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def _table(head: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 100 or v == 0 else f"{v:.3f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
