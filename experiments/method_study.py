@@ -1,13 +1,14 @@
 """The method study's tables and plots (docs/method-study.md) from its sweep.
 
     sign-sae sweep study                                   # trains and evaluates every run
-    sign-sae frontier runs/study/results.csv --reference default --out docs/method-study
     python experiments/method_study.py runs/study --out docs/method-study
 
-Writes ``study.md`` (the variant screen against the default's and Gated 2H's frontiers, step
-costs and the equal-compute comparison, convergence over training, and the polarity census at
-initialisation and from a one-signed start), ``convergence_*.svg`` and a copy of the results
-table. The census controls train one extra SAE per hook (``--skip-controls`` leaves them out).
+Writes ``study.md`` (the variant screen against the previous default's, the chosen default's
+and Gated 2H's frontiers; the frontier comparisons per hook; step costs for the equal-compute
+comparison; convergence over training; the polarity census at initialisation and from a
+one-signed start), ``frontier_<hook>_{r2,dead}.svg``, ``convergence_{l0,r2}.svg`` and a copy of
+the results table. The census controls train one extra SAE per hook (``--skip-controls`` leaves
+them out). Curves are picked by label; a row's ``ablation_of`` is not used.
 """
 
 import argparse
@@ -20,15 +21,19 @@ from typing import Any
 import torch
 
 from analyses.report import plots
-from analyses.sweep import polarity_columns, standalone
+from analyses.sweep import dead_plot, polarity_columns, r2_plot, standalone
 from sign_sae.architectures import make_training_sae
-from sign_sae.frontier import Curve, compare, curves, interpolate
+from sign_sae.frontier import CellReport, Curve, compare, curves, geomean_dead, interpolate
 from sign_sae.harvest import ActivationCache
 from sign_sae.storage import atomic_write_text
 from sign_sae.sweep import load_sweep, read_results, train_config
 from sign_sae.training import TensorBatches, estimate_scaling_factor, train
 
-REFERENCE, BASELINE, EQUAL_COMPUTE = "default", "gated_2H", "default_2x_steps"
+# the previous default, the chosen one, the baseline, and twice the steps of the last two
+REFERENCE, CHOSEN, BASELINE = "default", "theta_lr_x10", "gated_2H"
+CHOSEN_2X, BASELINE_2X = "theta_lr_x10_2x_steps", "gated_2H_2x_steps"
+CURVES = (REFERENCE, CHOSEN, BASELINE, CHOSEN_2X, BASELINE_2X)
+HOOKS = ("mlp_out", "resid_mid", "attn_out")
 CONTROL_HOOKS = ("mlp_out", "attn_out")
 STUDY_RESET_WINDOW = 65536
 SKEW = 10  # the one-signed start: the negative side opens ten times less often
@@ -48,7 +53,7 @@ def main() -> None:
         "Written by `python experiments/method_study.py runs/study` from the study sweep "
         "(`sign-sae sweep study`); docs/method-study.md reads them.\n",
         screen(rows),
-        frontiers(rows),
+        frontiers(rows, a.out),
         step_costs(rows),
         convergence(rows, a.sweep_dir, a.out),
     ]
@@ -75,27 +80,26 @@ def gap(curve: Curve | None, l0: float, r2: float) -> float | None:
 
 
 def screen(rows: Sequence[dict]) -> str:
-    """Every MLP-out run against the default's and Gated 2H's frontiers at its own L0."""
-    ref, base = _curve(rows, "mlp_out", REFERENCE), _curve(rows, "mlp_out", BASELINE)
+    """Every MLP-out run against the three reference frontiers at its own L0."""
+    refs = [_curve(rows, "mlp_out", label) for label in (REFERENCE, CHOSEN, BASELINE)]
     head = [
-        "label", "switch", "coef", "L0", "R^2", "dR^2 vs default", "dR^2 vs Gated 2H",
-        "dead", "CE rec.", "KL", "bipolar", "null", "train s",
+        "label", "switch", "coef", "steps", "L0", "R^2", "dR^2 vs default",
+        f"dR^2 vs {CHOSEN}", "dR^2 vs Gated 2H", "dead", "CE rec.", "KL", "bipolar", "null",
     ]  # fmt: skip
     body = []
     for r in sorted(
         (r for r in rows if r["hook_kind"] == "mlp_out"),
-        key=lambda r: (r["label"] not in (REFERENCE, BASELINE), r["label"], r["sparsity"]),
+        key=lambda r: (r["label"] not in CURVES, r["label"], r["sparsity"]),
     ):
         switch = {**json.loads(r["options"]), **json.loads(r.get("train") or "{}")}
         if switch.get("dead_reset_tokens") == STUDY_RESET_WINDOW:  # every run's, unless off
             del switch["dead_reset_tokens"]
+        gaps = [gap(c, r["l0"], r["r2"]) if c and c.label != r["label"] else None for c in refs]
         body.append(
             [
-                r["label"], _switch(switch), r["sparsity"], r["l0"], r["r2"],
-                gap(ref, r["l0"], r["r2"]) if r["label"] != REFERENCE else None,
-                gap(base, r["l0"], r["r2"]) if r["label"] != BASELINE else None,
+                r["label"], _switch(switch), r["sparsity"], r["steps"], r["l0"], r["r2"], *gaps,
                 r["dead_fraction"], r["ce_loss_recovered"], r["kl_with_sae"],
-                r.get("census_bipolar_fraction"), r.get("null_bipolar_fraction"), r["train_s"],
+                r.get("census_bipolar_fraction"), r.get("null_bipolar_fraction"),
             ]
         )  # fmt: skip
     return (
@@ -112,33 +116,54 @@ def _switch(options: dict[str, Any]) -> str:
 
 
 # ---- frontiers ----------------------------------------------------------------------------
-def frontiers(rows: Sequence[dict]) -> str:
-    """Default vs Gated 2H per hook, and the longer SA-GSAE runs against Gated 2H."""
-    head = ["hook", "SA-GSAE curve", "L0 overlap", "dominates", "min dR^2", "max dR^2"]
+PAIRS = (
+    (REFERENCE, BASELINE), (CHOSEN, BASELINE), (CHOSEN, REFERENCE),
+    (CHOSEN_2X, BASELINE), (CHOSEN_2X, BASELINE_2X), (CHOSEN_2X, CHOSEN), (BASELINE_2X, BASELINE),
+)  # fmt: skip
+
+
+def frontiers(rows: Sequence[dict], out: Path) -> str:
+    """Each pair of curves compared per hook (and the R^2 and dead-fraction plots)."""
+    head = [
+        "hook", "curve A", "curve B", "L0 overlap", "A dominates", "min dR^2", "max dR^2",
+        "dead B / dead A (geomean)",
+    ]  # fmt: skip
     body = []
-    for hook in ("mlp_out", "resid_mid", "attn_out"):
-        base = _curve(rows, hook, BASELINE)
-        for label in (REFERENCE, EQUAL_COMPUTE):
-            ref = _curve(rows, hook, label)
-            if ref is None or base is None:
-                continue
-            c = compare(ref, base)
-            span = f"{c.overlap[0]:.1f}-{c.overlap[1]:.1f}" if c.overlap else "none"
-            body.append([hook, label, span, c.dominates, c.min_gap, c.max_gap])
+    for hook in HOOKS:
+        cs = {label: c for label in CURVES if (c := _curve(rows, hook, label)) is not None}
+        for a, b in PAIRS:
+            if a in cs and b in cs:
+                c = compare(cs[a], cs[b])
+                span = f"{c.overlap[0]:.1f}-{c.overlap[1]:.1f}" if c.overlap else "none"
+                ratio = _dead_ratio(rows, hook, a, b, max(cs[a].d_sae, cs[b].d_sae))
+                body.append([hook, a, b, span, c.dominates, c.min_gap, c.max_gap, ratio])
+        cell = CellReport(rows[0]["model"], hook, CHOSEN, cs, [])
+        atomic_write_text(out / f"frontier_{hook}_r2.svg", r2_plot(cell))
+        atomic_write_text(out / f"frontier_{hook}_dead.svg", dead_plot(cell))
     return (
-        "## SA-GSAE at H against Gated at 2H\n\n"
-        "dR^2 = SA-GSAE frontier minus Gated 2H frontier over the overlapping L0 range; "
-        "dominates = above it everywhere there.\n\n" + _table(head, body)
+        "## Frontiers\n\n"
+        "dR^2 = frontier A minus frontier B over their overlapping L0 range (linear in log L0); "
+        "A dominates = above B everywhere there. Dead ratio: geometric mean of the dead "
+        "fractions over each curve's runs, zeros floored at half a latent of the wider SAE. "
+        "Plots: frontier_<hook>_r2.svg, frontier_<hook>_dead.svg.\n\n" + _table(head, body)
     )
+
+
+def _dead_ratio(rows: Sequence[dict], hook: str, a: str, b: str, d_sae: int) -> float:
+    def of(label: str) -> list[dict]:
+        return [r for r in rows if r["hook_kind"] == hook and r["label"] == label]
+
+    floor = 0.5 / d_sae
+    return geomean_dead(of(b), floor) / geomean_dead(of(a), floor)
 
 
 def step_costs(rows: Sequence[dict]) -> str:
     """Training seconds per step by label and hook, and the ratio to Gated 2H."""
     head = ["hook", "label", "runs", "s / step", "Gated 2H / this"]
     body = []
-    for hook in ("mlp_out", "resid_mid", "attn_out"):
+    for hook in HOOKS:
         per = {}
-        for label in (REFERENCE, EQUAL_COMPUTE, BASELINE):
+        for label in CURVES:
             rs = [r for r in rows if r["hook_kind"] == hook and r["label"] == label]
             if rs:
                 per[label] = (len(rs), _median([r["train_s"] / r["steps"] for r in rs]))
@@ -160,7 +185,7 @@ def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
     picked = [
         r
         for r in rows
-        if r["hook_kind"] == "mlp_out" and r["label"] in (REFERENCE, BASELINE, EQUAL_COMPUTE)
+        if r["hook_kind"] == "mlp_out" and r["label"] in CURVES[1:] and r["sparsity"] <= 15
     ]
     picked.sort(key=lambda r: (r["label"], r["sparsity"]))
     for i, r in enumerate(picked):
@@ -182,7 +207,7 @@ def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
                     steps,
                     [h[key] for h in hist],
                     plots.color(i),
-                    dashed=r["label"] == BASELINE,
+                    dashed=r["label"].startswith(BASELINE),
                 )
             )
     labels = [s.label for s in series["r2"]]
@@ -199,11 +224,11 @@ def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
 
 # ---- polarity controls --------------------------------------------------------------------
 def census_controls(sweep_dir: Path) -> str:
-    """The census of the default SA-GSAE at initialisation, with small and calibrated
+    """The census of the chosen SA-GSAE at initialisation, with small and calibrated
     thresholds, and after training from a one-signed start (the negative side calibrated to
     open ten times less often than the positive, so every latent starts unipolar)."""
     cfg = load_sweep(sweep_dir / "sweep.yaml")
-    entry = next(e for e in cfg.grid if e.label == REFERENCE)
+    entry = next(e for e in cfg.grid if e.label == CHOSEN)
     tcfg = train_config(cfg, entry, 0)
     warm_up = tcfg.total_steps // 10
     acts_dir = sweep_dir / "activations" / cfg.models[0].name
@@ -234,14 +259,14 @@ def census_controls(sweep_dir: Path) -> str:
         body.append([hook, f"trained from it, coef {entry.sparsity[1]:g}", *_census(sae, held)])
     return (
         "## Polarity census controls\n\nHeld-out census (balance >= 0.1 among alive latents) "
-        "of the default at initialisation, and of an SA-GSAE trained from a start where every "
+        f"of {CHOSEN} at initialisation, and of one trained from a start where every "
         f"latent opens its negative side {SKEW} times less often than its positive side "
         "(so it starts below the 0.1 balance line).\n\n" + _table(head, body)
     )
 
 
 def _sae(entry: Any, d_in: int, warm_up: int, threshold_init_l0: float | None) -> Any:
-    """The default SA-GSAE at H, as the sweep builds it (seed 0, its coefficient 5)."""
+    """The chosen SA-GSAE at H, as the sweep builds it (seed 0, its coefficient 5)."""
     torch.manual_seed(0)
     options = {**entry.options, "threshold_init_l0": threshold_init_l0}
     return make_training_sae("sa_gsae", d_in, d_in, entry.sparsity[1], warm_up, **options)

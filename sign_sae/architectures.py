@@ -26,11 +26,15 @@ def make_training_sae(
     d_in: int,
     d_sae: int,
     sparsity: float,
+    /,
     warm_up_steps: int = 0,
     metadata: dict[str, Any] | None = None,
     **options: Any,
 ) -> TrainingSAE:
-    """Build a fresh TrainingSAE of ``arch`` (see ``ARCHITECTURES``) with its sparsity set."""
+    """Build a fresh TrainingSAE of ``arch`` (see ``ARCHITECTURES``) with its sparsity set.
+
+    The first four arguments are positional-only, so ``options`` may hold config fields of the
+    same names (SA-GSAE's ``sparsity`` mode, for one)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
     knob, warm = ARCHITECTURES[arch]

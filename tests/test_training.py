@@ -148,6 +148,9 @@ def test_every_architecture_builds_and_counts_parameters():
         assert parameter_count(sae) > 2 * D_IN * 48
     with pytest.raises(ValueError, match="Unknown architecture"):
         make_training_sae("relu", D_IN, 48, 1)
+    # a config field named like an argument passes through as an option
+    sae = make_training_sae("sa_gsae", D_IN, 48, 0.5, sparsity="l0_ste")
+    assert sae.cfg.sparsity == "l0_ste" and sae.cfg.sparsity_coefficient == 0.5
 
 
 def test_bad_train_config():
