@@ -36,7 +36,7 @@ CURVES = (REFERENCE, CHOSEN, BASELINE, CHOSEN_2X, BASELINE_2X)
 HOOKS = ("mlp_out", "resid_mid", "attn_out")
 CONTROL_HOOKS = ("mlp_out", "attn_out")
 STUDY_RESET_WINDOW = 65536
-SKEW = 10  # the one-signed start: the negative side opens ten times less often
+SKEW = 20  # the one-signed start: the negative side opens 20 times less often
 
 
 def main() -> None:
@@ -225,8 +225,9 @@ def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
 # ---- polarity controls --------------------------------------------------------------------
 def census_controls(sweep_dir: Path) -> str:
     """The census of the chosen SA-GSAE at initialisation, with small and calibrated
-    thresholds, and after training from a one-signed start (the negative side calibrated to
-    open ten times less often than the positive, so every latent starts unipolar)."""
+    thresholds, and after training from a one-signed start (each latent's positive side
+    calibrated to open on 64 / d_sae of the first batch's tokens, its negative side SKEW times
+    less often: balance about 1 / (SKEW + 1), below the 0.1 line)."""
     cfg = load_sweep(sweep_dir / "sweep.yaml")
     entry = next(e for e in cfg.grid if e.label == CHOSEN)
     tcfg = train_config(cfg, entry, 0)
@@ -246,13 +247,12 @@ def census_controls(sweep_dir: Path) -> str:
             sae.initialize_from_activations(first)
             sae.fold_activation_norm_scaling_factor(scale)
             body.append([hook, title, *_census(sae, held)])
-        sae = _sae(entry, train_acts.shape[1], warm_up, 64)
-        sae.initialize_from_activations(first)
-        with torch.no_grad():  # the negative side opens SKEW times less often
+        sae = _sae(entry, train_acts.shape[1], warm_up, None)
+        with torch.no_grad():  # each side calibrated on its own sign: + on 64/d_sae of tokens
             pi = sae.process_sae_in(first) @ sae.W_enc + sae.b_gate
-            q = 1 - 64 / SKEW / sae.cfg.d_sae
-            sae.threshold_neg.copy_(torch.quantile(-pi, q, dim=0))
-        sae.cfg.threshold_init_l0 = None  # train() must not recalibrate
+            rate = 64 / sae.cfg.d_sae
+            sae.threshold_pos.copy_(torch.quantile(pi, 1 - rate, dim=0))
+            sae.threshold_neg.copy_(torch.quantile(-pi, 1 - rate / SKEW, dim=0))
         start = _census(_folded(sae, scale), held)
         body.append([hook, f"one-signed start (negative {SKEW}x rarer)", *start])
         train(sae, batches, tcfg, progress=True)
@@ -261,7 +261,7 @@ def census_controls(sweep_dir: Path) -> str:
         "## Polarity census controls\n\nHeld-out census (balance >= 0.1 among alive latents) "
         f"of {CHOSEN} at initialisation, and of one trained from a start where every "
         f"latent opens its negative side {SKEW} times less often than its positive side "
-        "(so it starts below the 0.1 balance line).\n\n" + _table(head, body)
+        f"(balance about 1/{SKEW + 1}, below the 0.1 line).\n\n" + _table(head, body)
     )
 
 

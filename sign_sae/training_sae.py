@@ -69,7 +69,7 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
     threshold_init: float = 1e-3
     threshold_init_l0: float | None = None
     threshold_param: ThresholdParam = "raw"
-    threshold_lr_scale: float = 1.0
+    threshold_lr_scale: float = 10.0
     decoder_norm: DecoderNorm = "weighted"
     bandwidth: float = 1e-3
     dead_reset_tokens: int = 1_000_000

@@ -4,9 +4,10 @@ A fixed small set of SmolLM2-135M layer-15 MLP-out activations (Shakespeare trai
 held-out plays for the metrics), made here from the default model. SA-GSAE with the library's
 defaults at width H = d_model and SAELens's Gated SAE at 2H are trained with one recipe at two
 sparsity coefficients each; their R^2-L0 frontiers are compared over the overlapping L0 range
-with ``sign_sae.frontier.compare``. The margins hold the study's finding at this scale: the
-half-width SA-GSAE reaches the full-width Gated frontier. A change that costs the default R^2 at
-equal L0 (or that lets it go dense or dead) fails here.
+with ``sign_sae.frontier.compare``. The margin holds the study's finding at this scale: the
+half-width SA-GSAE strictly dominates the full-width Gated frontier on MLP-out. A change that
+costs the default R^2 at equal L0 (or lets it go dense or dead) fails here; so does going back
+to thresholds at the base learning rate.
 """
 
 import pytest
@@ -25,7 +26,9 @@ RECIPE = dict(
     total_steps=500, batch_size=512, lr=1e-3, lr_warm_up_steps=15, lr_decay_steps=100, log_every=500
 )
 SA_COEFFICIENTS, GATED_COEFFICIENTS = (2.0, 6.0), (1.5, 5.0)
-MARGIN = 0.03  # R^2 the SA-GSAE frontier may fall below Gated 2H's anywhere in the overlap
+# R^2 the SA-GSAE frontier must stay above Gated 2H's everywhere in the overlap. Measured on
+# this data with the default threshold_lr_scale = 10: +0.05; with 1 (the previous default): -0.02.
+MARGIN = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +76,7 @@ def frontier_rows(activations) -> list[dict]:
     return rows
 
 
-def test_half_width_sa_gsae_reaches_the_full_width_gated_frontier(frontier_rows):
-    for r in frontier_rows:
-        print(r)
+def test_half_width_sa_gsae_dominates_the_full_width_gated_frontier(frontier_rows):
     cs = curves(frontier_rows)
     sa, gated = cs["sa_gsae_H"], cs["gated_2H"]
     # both curves are real frontiers: sparse, alive, and more sparsity costs R^2
@@ -86,4 +87,4 @@ def test_half_width_sa_gsae_reaches_the_full_width_gated_frontier(frontier_rows)
     assert comparison.overlap is not None, "the two L0 ranges must overlap"
     lo, hi = comparison.overlap
     assert hi / lo > 1.5, f"overlap {lo:.1f}-{hi:.1f} too narrow to compare"
-    assert comparison.min_gap > -MARGIN, comparison
+    assert comparison.dominates and comparison.min_gap > MARGIN, comparison
