@@ -218,7 +218,7 @@ def demo_config(out_dir: str = "runs/demo") -> RunConfig:
         train_tokens=200_000,
         eval_tokens=16_384,
         saes=[
-            SAESpec("sa_gsae_H", "sa_gsae", width=1152, sparsity=10.0),
+            SAESpec("sa_gsae_H", "sa_gsae", width=1152, sparsity=5.0),
             SAESpec("gated_2H", "gated", width=2304, sparsity=10.0),
         ],
         # three epochs of the 200k training tokens, warm-up then linear decay
