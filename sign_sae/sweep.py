@@ -62,8 +62,9 @@ COLUMNS = [
 ]  # fmt: skip
 # TrainConfig fields that never change a result (left out of the run hash).
 _BOOKKEEPING = ("checkpoint_every", "log_every")
-# Controls left out of the hash while they are off, so that older runs keep their hashes.
-_OFF = {"target_l0": None, "lr_scales": {}}
+# Controls left out of the hash while they are off (field: its off value, the fields that only
+# matter when it is on), so that older runs keep their hashes.
+_OFF = {"target_l0": (None, ("target_l0", "target_l0_rate")), "lr_scales": ({}, ("lr_scales",))}
 
 Columns = Callable[[Any, torch.Tensor], dict[str, Any]]
 Row = dict[str, Any]
@@ -225,13 +226,12 @@ def _hash_key(
 ) -> str:
     """sha256 of everything that determines a run's result."""
     recipe = asdict(train_config(cfg, entry, seed))
-    for k in _BOOKKEEPING:
-        recipe.pop(k)
-    for k, off in _OFF.items():
+    dropped = [*_BOOKKEEPING]
+    for k, (off, fields_when_on) in _OFF.items():
         if recipe[k] == off:
-            recipe.pop(k)
-            if k == "target_l0":
-                recipe.pop("target_l0_rate")
+            dropped += fields_when_on
+    for k in dropped:
+        recipe.pop(k)
     spec = {
         "model": model.name,
         "hook": hook,

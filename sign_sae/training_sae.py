@@ -306,13 +306,13 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
     # ---- thresholds, constraints and dead-latent resets -----------------------------------
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(theta+, theta- or None): the thresholds on pi, from their stored parameters."""
+        theta = [self._theta(t) for t in self._threshold_params()]
+        return theta[0], theta[1] if self.cfg.two_sided else None
+
+    def _theta(self, stored: torch.Tensor) -> torch.Tensor:
+        """A threshold from its stored parameter (``threshold_param``)."""
         mode = self.cfg.threshold_param
-        stored = [self.threshold_pos, self.threshold_neg if self.cfg.two_sided else None]
-        thetas = [
-            t if t is None or mode == "raw" else t.abs() if mode == "abs" else t.exp()
-            for t in stored
-        ]
-        return thetas[0], thetas[1]
+        return stored if mode == "raw" else stored.abs() if mode == "abs" else stored.exp()
 
     def _stored(self, theta: torch.Tensor | float) -> torch.Tensor | float:
         """The stored parameter value for threshold ``theta`` (inverse of ``thresholds``)."""
@@ -323,11 +323,13 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter name (``sign_sae.training.train`` applies
         them; SAELens's own trainer does not): the thresholds get ``threshold_lr_scale``."""
-        names = ["threshold_pos"] + (["threshold_neg"] if self.cfg.two_sided else [])
-        return dict.fromkeys(names, self.cfg.threshold_lr_scale)
+        return dict.fromkeys(self._threshold_names(), self.cfg.threshold_lr_scale)
+
+    def _threshold_names(self) -> list[str]:
+        return ["threshold_pos"] + (["threshold_neg"] if self.cfg.two_sided else [])
 
     def _threshold_params(self) -> list[nn.Parameter]:
-        return [self.threshold_pos] + ([self.threshold_neg] if self.cfg.two_sided else [])
+        return [getattr(self, name) for name in self._threshold_names()]
 
     def _penalty_norms(self, W_dec: torch.Tensor) -> torch.Tensor:
         """Per-latent weights of the gated-L1 penalty: decoder norms (1 for unit rows)."""
@@ -398,7 +400,10 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         for v in self._encoder_vectors():
             v.mul_(norms)
         for t in self._threshold_params():  # thresholds are on the scale of p too
-            t.add_(norms.log()) if self.cfg.threshold_param == "log" else t.mul_(norms)
+            if self.cfg.threshold_param == "log":
+                t.add_(norms.log())
+            else:
+                t.mul_(norms)
 
     @override
     @torch.no_grad()
