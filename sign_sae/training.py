@@ -349,9 +349,10 @@ def train(
             raise _loss_error(step, out.loss.item())
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        n_rows, fired = x.shape[0], (out.feature_acts != 0).any(0)
+        active = (out.feature_acts != 0).reshape(-1, d_sae)
+        n_rows, fired, n_active = active.shape[0], active.any(0), active.sum()
         if world > 1:
-            n_rows, fired = _reduce_step(sae, out, step)
+            n_rows, fired, n_active = _reduce_step(sae, out, active, step)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
@@ -359,9 +360,8 @@ def train(
             tokens_since_fired += n_rows
             tokens_since_fired[fired.cpu()] = 0
         if key is not None and step >= _warm_up_steps(sae, key):
-            log_gain += cfg.target_l0_rate * math.log(
-                (_batch_l0(out, world) + 1) / (cfg.target_l0 + 1)
-            )
+            l0 = n_active.item() / n_rows
+            log_gain += cfg.target_l0_rate * math.log((l0 + 1) / (cfg.target_l0 + 1))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.total_steps:
             row = _log_row(done, out, x) if world == 1 else _global_log_row(done, out, x)
@@ -387,18 +387,6 @@ def train(
 def _warm_up_steps(sae: TrainingSAE, key: str) -> int:
     c = sae.get_coefficients()[key]
     return c.warm_up_steps if isinstance(c, TrainCoefficientConfig) else 0
-
-
-@torch.no_grad()
-def _batch_l0(out: Any, world: int) -> float:
-    """Mean number of nonzero latents per row of the (global) batch."""
-    acts = out.feature_acts.reshape(-1, out.feature_acts.shape[-1])
-    stats = torch.tensor(
-        [float((acts != 0).sum()), float(acts.shape[0])], dtype=torch.float64, device=acts.device
-    )
-    if world > 1:
-        distributed.all_reduce_sum(stats)
-    return (stats[0] / stats[1]).item()
 
 
 def _loss_error(step: int, loss: float) -> FloatingPointError:
@@ -428,22 +416,25 @@ def _start_together(sae: TrainingSAE, start: int) -> None:
 
 
 @torch.no_grad()
-def _reduce_step(sae: TrainingSAE, out: Any, step: int) -> tuple[int, torch.Tensor]:
-    """Make one step global; returns (global rows, fired-on-any-rank mask).
+def _reduce_step(
+    sae: TrainingSAE, out: Any, active: torch.Tensor, step: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Make one step global; returns (global rows, fired-on-any-rank mask, global number of
+    non-zero latent activations), from this rank's ``active`` mask ``[rows, d_sae]``.
 
-    One all-reduce carries the rows, the loss sum and the per-latent firing counts; a
+    One all-reduce carries the rows, the loss sum, the non-zero count and the per-latent
+    firing counts; a
     non-finite global loss stops every rank. Gradients become the global-batch gradient. An SAE
     that keeps its own ``tokens_since_fired`` clock (SA-GSAE) advanced it by the local rows and
     zeroed locally fired latents in its forward; it is corrected to the global rows and firings.
     """
-    d_sae = sae.cfg.d_sae
-    acts = out.feature_acts.reshape(-1, d_sae)
-    n_local = acts.shape[0]
+    n_local = active.shape[0]
     stats = torch.cat(
         [
-            torch.tensor([n_local], dtype=torch.float64, device=acts.device),
+            torch.tensor([n_local], dtype=torch.float64, device=active.device),
             out.loss.detach().double().reshape(1) * n_local,
-            (acts != 0).any(0).double(),
+            active.sum().double().reshape(1),
+            active.any(0).double(),
         ]
     )
     distributed.all_reduce_sum(stats)
@@ -452,12 +443,12 @@ def _reduce_step(sae: TrainingSAE, out: Any, step: int) -> tuple[int, torch.Tens
     if not math.isfinite(loss):
         raise _loss_error(step, loss)
     distributed.reduce_gradients(sae.parameters(), n_local / n_rows)
-    fired = stats[2:] > 0
+    fired = stats[3:] > 0
     clock = getattr(sae, "tokens_since_fired", None)
     if isinstance(clock, torch.Tensor):
         clock.add_(n_rows - n_local)  # latents not fired anywhere: + global rows in all
         clock[fired.to(clock.device)] = 0
-    return n_rows, fired
+    return n_rows, fired, stats[2]
 
 
 @torch.no_grad()
