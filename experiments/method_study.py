@@ -25,6 +25,7 @@ from analyses.sweep import dead_plot, polarity_columns, r2_plot, standalone
 from sign_sae.architectures import make_training_sae
 from sign_sae.frontier import CellReport, Curve, compare, curves, geomean_dead, interpolate
 from sign_sae.harvest import ActivationCache
+from sign_sae.metrics import explained_variance, l0
 from sign_sae.storage import atomic_write_text
 from sign_sae.sweep import load_sweep, read_results, train_config
 from sign_sae.training import TensorBatches, estimate_scaling_factor, train
@@ -58,7 +59,7 @@ def main() -> None:
         convergence(rows, a.sweep_dir, a.out),
     ]
     if not a.skip_controls:
-        parts.append(census_controls(a.sweep_dir))
+        parts.append(census_controls(rows, a.sweep_dir))
     atomic_write_text(a.out / "study.md", "\n".join(parts))
     print((a.out / "study.md").read_text())
 
@@ -223,7 +224,7 @@ def convergence(rows: Sequence[dict], sweep_dir: Path, out: Path) -> str:
 
 
 # ---- polarity controls --------------------------------------------------------------------
-def census_controls(sweep_dir: Path) -> str:
+def census_controls(rows: Sequence[dict], sweep_dir: Path) -> str:
     """The census of the chosen SA-GSAE at initialisation, with small and calibrated
     thresholds, and after training from a one-signed start (each latent's positive side
     calibrated to open on 64 / d_sae of the first batch's tokens, its negative side SKEW times
@@ -236,7 +237,7 @@ def census_controls(sweep_dir: Path) -> str:
     head = ["hook", "SAE", "L0", "bipolar", "null", "R^2"]
     body = []
     for hook in CONTROL_HOOKS:
-        name = f"blocks.15.hook_{hook}"
+        name = next(r["hook"] for r in rows if r["hook_kind"] == hook)
         train_acts = ActivationCache.open(acts_dir / "train" / name).load()
         held = ActivationCache.open(acts_dir / "eval" / name).load().float()
         batches = TensorBatches(train_acts, tcfg.batch_size)
@@ -281,11 +282,15 @@ def _folded(sae: Any, scale: float) -> Any:
 
 @torch.no_grad()
 def _census(sae: Any, held: torch.Tensor) -> list[float]:
+    """[L0, bipolar fraction, the same under the sign-flip null, R^2] on the held-out rows."""
     cols = polarity_columns(sae, held)
-    x_hat = sae.decode(sae.encode(held))
-    r2 = 1 - (x_hat - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum()
-    l0 = (sae.encode(held) != 0).sum(-1).float().mean()
-    return [l0.item(), cols["census_bipolar_fraction"], cols["null_bipolar_fraction"], r2.item()]
+    f = sae.encode(held)
+    return [
+        l0(f),
+        cols["census_bipolar_fraction"],
+        cols["null_bipolar_fraction"],
+        explained_variance(held, sae.decode(f)),
+    ]
 
 
 # ---- formatting ---------------------------------------------------------------------------

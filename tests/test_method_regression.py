@@ -17,6 +17,7 @@ from sign_sae.architectures import make_training_sae
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.frontier import compare, curves
 from sign_sae.harvest import harvest
+from sign_sae.metrics import LatentStats, explained_variance
 from sign_sae.models import hook_name, mid_layer
 from sign_sae.training import TensorBatches, TrainConfig, train
 
@@ -47,13 +48,14 @@ def held_out_row(sae, label: str, sparsity: float, x: torch.Tensor) -> dict:
     with torch.no_grad():
         f = sae.encode(x)
         x_hat = sae.decode(f)
-    fired = f != 0
+    stats = LatentStats(sae.cfg.d_sae)
+    stats.update(f)
     return {
         "label": label,
         "sparsity": sparsity,
-        "r2": (1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(),
-        "l0": fired.sum(-1).float().mean().item(),
-        "dead_fraction": (~fired.any(0)).float().mean().item(),
+        "r2": explained_variance(x, x_hat),
+        "l0": stats.l0,
+        "dead_fraction": stats.dead_fraction,
         "d_sae": sae.cfg.d_sae,
     }
 
