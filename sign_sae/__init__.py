@@ -1,7 +1,9 @@
 """sign-sae: sign-aware gated sparse autoencoders (SA-GSAE) for SAELens and TransformerLens.
 
-Importing this package registers the architecture ``"sa_gsae"`` with SAELens (idempotent), so
-``SAE.load_from_disk`` and ``SAE.from_pretrained`` return ``SAGSAE`` objects.
+Importing this package registers the architecture ``"sa_gsae"`` with SAELens and adds the
+``"sign_sae"`` release loader and the shipped releases to SAELens's tables (both idempotent);
+it changes nothing else in SAELens. ``SAE.load_from_disk`` and ``SAE.from_pretrained`` then
+return ``SAGSAE`` objects for SA-GSAE folders.
 """
 
 from sae_lens.registry import (
@@ -11,22 +13,29 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
-from sign_sae.activation import bi_jump_relu
-from sign_sae.sae import ARCHITECTURE, SAGSAE, SAGSAEConfig
+from sign_sae import releases
+from sign_sae.releases import load_pretrained
+from sign_sae.sa_gsae import (
+    ARCHITECTURE,
+    SAGSAE,
+    SAGSAEConfig,
+    SAGSAETrainingSAE,
+    SAGSAETrainingSAEConfig,
+    bi_jump_relu,
+)
 from sign_sae.storage import load_sae
-from sign_sae.training_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 
 
 def register() -> None:
-    """Register SA-GSAE with SAELens; safe to call any number of times."""
+    """Register SA-GSAE and the release loader with SAELens; safe to call any number of times."""
     if ARCHITECTURE not in SAE_CLASS_REGISTRY:
         register_sae_class(ARCHITECTURE, SAGSAE, SAGSAEConfig)
     if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
         register_sae_training_class(ARCHITECTURE, SAGSAETrainingSAE, SAGSAETrainingSAEConfig)
+    releases.install()
 
 
 register()
-import sign_sae.releases  # noqa: E402, F401  (installs the release loader; idempotent)
 
 __all__ = [
     "ARCHITECTURE",
@@ -35,6 +44,7 @@ __all__ = [
     "SAGSAETrainingSAE",
     "SAGSAETrainingSAEConfig",
     "bi_jump_relu",
+    "load_pretrained",
     "load_sae",
     "register",
 ]

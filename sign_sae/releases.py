@@ -8,14 +8,14 @@ package, and ``register_release`` / ``register_releases`` add more at run time.
 
 Importing ``sign_sae`` installs the loader ``"sign_sae"`` into SAELens's loader table (it reads
 any registered architecture, ``sa_gsae`` included, from a local folder or the hub, safetensors
-only) and wraps ``SAE.from_pretrained_with_cfg_and_sparsity`` (which ``SAE.from_pretrained``
-calls) so that an unknown release or SAE id fails with close matches; everything else is
-SAELens's own code path. Registered releases enter SAELens's directory on registration or on
-the first ``from_pretrained`` call, and again if that directory's cache is cleared.
+only) and puts the shipped releases into SAELens's directory; nothing of SAELens's own code is
+replaced, so ``SAE.from_pretrained`` is SAELens's. ``load_pretrained(release, sae_id)`` is the
+same call with errors that list close matches for an unknown release or SAE id. Registered
+releases enter SAELens's directory on registration and at every ``find_release`` /
+``load_pretrained`` call (so also after that directory's cache is cleared).
 """
 
 import difflib
-import functools
 import re
 from collections.abc import Iterable, Mapping
 from importlib.resources import files
@@ -300,18 +300,12 @@ def find_release(release: str, sae_id: str | None = None) -> PretrainedSAELookup
     return lookup
 
 
-def _checked(original: Any) -> Any:
-    """Wrap ``from_pretrained_with_cfg_and_sparsity``: sync the registry, then raise close-match
-    errors exactly where SAELens would raise its own (a hub repo id passes through)."""
-
-    @functools.wraps(original)
-    def wrapper(cls: type[SAE], release: str, sae_id: str, *args: Any, **kwargs: Any) -> Any:
-        if release in _sync() or "/" not in release:
-            find_release(release, sae_id)
-        return original(cls, release, sae_id, *args, **kwargs)
-
-    wrapper.sign_sae_checked = True  # type: ignore[attr-defined]
-    return wrapper
+def load_pretrained(release: str, sae_id: str, **kwargs: Any) -> SAE:
+    """``SAE.from_pretrained(release, sae_id, **kwargs)``, after checking the release and the id
+    (unknown ones raise a ValueError listing close matches; a hub repo id passes through)."""
+    if release in _sync() or "/" not in release:
+        find_release(release, sae_id)
+    return SAE.from_pretrained(release, sae_id, **kwargs)
 
 
 # ---- the loader -------------------------------------------------------------------------------
@@ -390,14 +384,10 @@ def _release_cfg(folder: Path, overrides: Mapping[str, Any] | None, where: str) 
 
 # ---- installation -----------------------------------------------------------------------------
 def install() -> None:
-    """Install the loader, the close-match errors and the shipped releases; idempotent."""
+    """Add the loader and the shipped releases to SAELens's tables; idempotent. Called once
+    by ``sign_sae.register`` on import."""
     NAMED_PRETRAINED_SAE_LOADERS[LOADER] = load_release_sae
     NAMED_PRETRAINED_SAE_CONFIG_GETTERS[LOADER] = load_release_cfg
-    current = SAE.__dict__["from_pretrained_with_cfg_and_sparsity"].__func__
-    if not getattr(current, "sign_sae_checked", False):
-        SAE.from_pretrained_with_cfg_and_sparsity = classmethod(_checked(current))
     for lookup in _read_release_file(Path(str(files("sign_sae").joinpath(SHIPPED)))):
         _REGISTERED[lookup.release] = lookup
-
-
-install()
+    _sync()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sign_sae.corpus import load_texts, tokenize
-from sign_sae.models import load_model
+from sign_sae.harvest import harvest
+from sign_sae.models import hook_name, load_model, mid_layer
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,16 @@ def model():
 def eval_tokens(model) -> torch.Tensor:
     """8 rows x 64 tokens of held-out Shakespeare, each row starting with BOS."""
     return tokenize(model, load_texts(split="eval"), context_size=64, max_tokens=8 * 64)
+
+
+@pytest.fixture(scope="session")
+def mlp_out_activations(model, tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) SmolLM2 MLP-out activations at the middle layer, [tokens, d_model]:
+    32k tokens of the training plays and 4k of the held-out plays, 128-token rows."""
+    hook = hook_name("mlp_out", mid_layer(model))
+    folder = tmp_path_factory.mktemp("mlp_out")
+    out = []
+    for split, n in (("train", 32 * 1024), ("eval", 4096)):
+        tokens = tokenize(model, load_texts(split=split), 128, n)
+        out.append(harvest(model, tokens, [hook], folder / split)[hook].load())
+    return out[0], out[1].float()

@@ -1,4 +1,5 @@
-"""SA-GSAE as an SAELens architecture: equivalences, folds, save/load, resets, bad input."""
+"""SA-GSAE (``sign_sae.sa_gsae``): Bi-Jump-ReLU gradients, equivalences, folds, save/load,
+constraints and resets, bad input."""
 
 import json
 
@@ -9,17 +10,14 @@ from sae_lens.saes.gated_sae import GatedSAE, GatedTrainingSAE, GatedTrainingSAE
 from sae_lens.saes.sae import TrainStepInput
 
 import sign_sae
-from sign_sae import SAGSAE, SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig
+from sign_sae import SAGSAE, SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig, bi_jump_relu
 
 D_IN, D_SAE = 16, 48
 VARIANTS = [
     dict(tied=True, two_sided=True),
     dict(tied=False, two_sided=True),
     dict(tied=True, two_sided=False),
-    dict(tied=True, two_sided=True, sparsity="l0_ste"),
-    dict(tied=True, two_sided=True, aux_decoder="frozen"),
-    dict(tied=True, two_sided=True, threshold_param="log"),
-    dict(tied=False, two_sided=True, threshold_param="abs", decoder_norm="unit"),
+    dict(tied=False, two_sided=True, aux_coefficient=0.0),
 ]
 
 
@@ -32,7 +30,7 @@ def make_sae(seed: int = 0, **kwargs) -> SAGSAETrainingSAE:
             if p.ndim == 1:
                 p.copy_(0.3 * torch.randn_like(p))
             if name.startswith("threshold"):
-                p.copy_(sae._stored(p.abs()))  # thresholds of about 0.3, however stored
+                p.abs_()  # thresholds of about 0.3
             if name == "W_dec":
                 p.mul_(1 + torch.rand(D_SAE, 1))  # non-unit norms for the fold tests
     return sae
@@ -85,11 +83,9 @@ def test_inference_export_equals_training_forward(variant, x, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_checkpoint_roundtrip(variant, x, tmp_path):
     sae = make_sae(**variant)
-    sae.tokens_since_fired.fill_(7)
     sae.save_model(tmp_path)
     back = TrainingSAE.load_from_disk(tmp_path)
     assert type(back) is SAGSAETrainingSAE and back.cfg == sae.cfg
-    assert back.tokens_since_fired.tolist() == [7] * D_SAE
     torch.testing.assert_close(back.encode(x), sae.encode(x))
     a = sae.training_forward_pass(step_input(x)).losses
     b = back.training_forward_pass(step_input(x)).losses
@@ -155,7 +151,7 @@ def test_one_sided_untied_equals_saelens_gated(x):
     ours.load_state_dict(
         {
             **gated.state_dict(),
-            **{"threshold_pos": torch.zeros(D_SAE), "tokens_since_fired": ours.tokens_since_fired},
+            "threshold_pos": torch.zeros(D_SAE),
         }
     )
     torch.testing.assert_close(ours.encode(x), gated.encode(x), atol=1e-5, rtol=1e-5)
@@ -193,86 +189,107 @@ def test_aux_coefficient_zero_drops_the_aux_term(x):
     assert "auxiliary_reconstruction_loss" not in sae.training_forward_pass(step_input(x)).losses
 
 
-def test_frozen_decoder_gets_no_gradient_from_gate_losses(x):
-    sae = make_sae(aux_decoder="frozen")
-    pi = sae.process_sae_in(x) @ sae.W_enc + sae.b_gate
-    sum(sae._gate_losses(pi, x, 1.0).values()).backward()
-    assert sae.W_dec.grad is None  # b_dec still learns through the input centering x - b_dec
-    live = make_sae(aux_decoder="live")
-    pi = live.process_sae_in(x) @ live.W_enc + live.b_gate
-    sum(live._gate_losses(pi, x, 1.0).values()).backward()
-    assert live.W_dec.grad.abs().sum() > 0
-
-
-def test_dead_latents_get_thresholds_reset(x):
+def test_constrain_clamps_thresholds_and_resets_dead_latents(x):
     sae = make_sae(dead_reset_tokens=1000, threshold_init=1e-3)
     with torch.no_grad():
         sae.threshold_pos[:5] = 50.0  # these latents can never fire
         sae.threshold_neg[:5] = 50.0
         sae.threshold_pos[5] = -1.0  # out of range: must be clamped
-    sae.tokens_since_fired[:5] = 1000
-    out = sae.training_forward_pass(step_input(x))
-    assert out.metrics["threshold_resets"] == 5
+        sae.threshold_neg[6] = -2.0
+    clock = torch.zeros(D_SAE, dtype=torch.long)
+    clock[:5] = 1000
+    clock[7] = 999  # one token short of the window: kept
+    reset = sae.constrain(clock)
+    assert reset.tolist() == [True] * 5 + [False] * (D_SAE - 5)
     assert sae.threshold_pos[:5].tolist() == pytest.approx([1e-3] * 5)
-    assert sae.threshold_pos[5].item() == 0.0
-    # the dead clock counts tokens and restarts for latents that fired
-    fired = (out.feature_acts != 0).any(0)
-    assert (sae.tokens_since_fired[fired] == 0).all()
-    assert (sae.tokens_since_fired[~fired] >= x.shape[0]).all()
-
-
-def test_l0_ste_trains_thresholds_through_the_gates(x):
-    sae = make_sae(sparsity="l0_ste", bandwidth=0.5)
-    sae.training_forward_pass(step_input(x)).loss.backward()
-    assert sae.threshold_pos.grad.abs().sum() > 0 and sae.threshold_neg.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("param", ["abs", "log"])
-def test_threshold_parametrisations_are_the_same_function(param, x):
-    raw = make_sae()
-    other = make_sae(threshold_param=param)
+    assert sae.threshold_neg[:5].tolist() == pytest.approx([1e-3] * 5)
+    assert sae.threshold_pos[5].item() == 0.0 and sae.threshold_neg[6].item() == 0.0
+    assert (sae.threshold_pos[7:] > 0).all() and sae.threshold_neg[7].item() > 0.0
+    # the forward pass itself changes no parameter
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
     with torch.no_grad():
-        for name, p in raw.named_parameters():
-            if name.startswith("threshold"):  # theta = |t| with t < 0, or exp(t)
-                p = -p if param == "abs" else p.log()
-            other.get_parameter(name).copy_(p)
-    torch.testing.assert_close(other.encode(x), raw.encode(x))
-    a = raw.training_forward_pass(step_input(x))
-    b = other.training_forward_pass(step_input(x))
-    torch.testing.assert_close(b.loss, a.loss)
-    a.loss.backward()
-    b.loss.backward()
-    # the chain rule through theta = |t| or exp(t)
-    factor = -1.0 if param == "abs" else raw.threshold_pos.detach()
-    torch.testing.assert_close(other.threshold_pos.grad, raw.threshold_pos.grad * factor)
-
-
-def test_calibrated_threshold_init_sets_the_starting_l0(x):
-    torch.manual_seed(0)
-    sae = SAGSAETrainingSAE(
-        SAGSAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, threshold_init_l0=6, threshold_param="log")
-    )
-    assert (sae.encode(x) != 0).sum(-1).float().mean() > 0.9 * D_SAE  # small init: all fire
-    sae.initialize_from_activations(x)
-    fired = sae.encode(x) != 0
-    # each latent fires on round(256 * 6 / 48) = 32 of the 256 rows, with either sign
-    assert fired.sum(0).tolist() == [32] * D_SAE
-    assert (sae.encode(x) < 0).any() and (sae.encode(x) > 0).any()
-    assert fired.sum(-1).float().mean().item() == pytest.approx(6.0)
-    # resets go back to the small threshold_init, not to the calibrated values
-    sae.tokens_since_fired[:3] = sae.cfg.dead_reset_tokens
+        sae.threshold_pos[8] = -1.0
+    before["threshold_pos"][8] = -1.0
     sae.training_forward_pass(step_input(x))
-    assert sae.thresholds()[0][:3].tolist() == pytest.approx([sae.cfg.threshold_init] * 3)
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
-def test_unit_decoder_keeps_rows_at_unit_norm_and_drops_norm_weights(x):
-    sae = make_sae(decoder_norm="unit")
-    sae.training_forward_pass(step_input(x)).loss.backward()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
-    pi = sae.process_sae_in(x) @ sae.W_enc + sae.b_gate
-    u = torch.relu(pi - sae.threshold_pos) + torch.relu(-pi - sae.threshold_neg)
-    sparsity = sae._gate_losses(pi, x, 1.0)["sparsity_loss"]
-    torch.testing.assert_close(sparsity, u.sum(-1).mean())
+def test_resets_off_with_a_zero_window():
+    sae = make_sae(dead_reset_tokens=0)
+    reset = sae.constrain(torch.full((D_SAE,), 10**9, dtype=torch.long))
+    assert not reset.any()
+
+
+def test_thresholds_learn_at_their_own_rate():
+    assert make_sae().lr_scales() == {"threshold_pos": 10.0, "threshold_neg": 10.0}
+    assert make_sae(two_sided=False, threshold_lr_scale=3.0).lr_scales() == {"threshold_pos": 3.0}
+
+
+# ---- Bi-Jump-ReLU -----------------------------------------------------------------------
+@pytest.fixture
+def float64():
+    """Gradient checks need float64; restore the default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_forward_values_and_signs(float64):
+    z = torch.tensor([-2.0, -0.5, -0.05, 0.0, 0.05, 0.5, 2.0])
+    t_pos, t_neg = torch.tensor(0.1), torch.tensor(1.0)
+    out = bi_jump_relu(z, t_pos, t_neg)
+    assert out.tolist() == [-2.0, 0.0, 0.0, 0.0, 0.0, 0.5, 2.0]
+
+
+def test_gradcheck_in_z_away_from_jumps(float64):
+    g = torch.Generator().manual_seed(0)
+    t_pos = torch.rand(8, generator=g) * 0.5
+    t_neg = torch.rand(8, generator=g) * 0.5
+    z = torch.randn(16, 8, generator=g)
+    # keep every point away from the discontinuities so finite differences are exact
+    near = ((z - t_pos).abs() < 1e-3) | ((-z - t_neg).abs() < 1e-3)
+    z = torch.where(near, z + 0.01, z).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: bi_jump_relu(z, t_pos, t_neg), (z,))
+
+
+def _expected_and_ste(fn, t: torch.Tensor, eps: float, h: float = 1e-3):
+    """Finite-difference derivative of E_z[fn] (z uniform on [-2, 2]) vs the mean STE gradient."""
+    z = torch.linspace(-2.0, 2.0, 400_001)
+    t = t.clone().requires_grad_(True)
+    fn(z, t, eps).mean().backward()
+    with torch.no_grad():
+        fd = (fn(z, t + h, eps).mean() - fn(z, t - h, eps).mean()) / (2 * h)
+    return fd.item(), t.grad.item()
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_straight_through_positive_threshold_matches_expected_derivative(t, float64):
+    zero = torch.tensor(0.5)
+    fd, ste = _expected_and_ste(
+        lambda z, tp, e: bi_jump_relu(z, tp, zero, e), torch.tensor(t), 0.05
+    )
+    assert ste == pytest.approx(-t / 4, rel=0.02)  # density of U(-2, 2) is 1/4
+    assert ste == pytest.approx(fd, rel=0.02)
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_straight_through_negative_threshold_matches_expected_derivative(t, float64):
+    zero = torch.tensor(0.5)
+    fd, ste = _expected_and_ste(
+        lambda z, tn, e: bi_jump_relu(z, zero, tn, e), torch.tensor(t), 0.05
+    )
+    assert ste == pytest.approx(t / 4, rel=0.02)
+    assert ste == pytest.approx(fd, rel=0.02)
+
+
+def test_threshold_gradient_is_summed_per_latent(float64):
+    z = torch.randn(32, 4)
+    t = torch.full((4,), 0.2, requires_grad=True)
+    bi_jump_relu(z, t, torch.full((4,), 0.2), 1.0).sum().backward()
+    assert t.grad.shape == (4,)
+    assert (t.grad <= 0).all() and (t.grad != 0).any()
 
 
 # ---- bad input --------------------------------------------------------------------------
@@ -302,15 +319,9 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
     "kwargs, match",
     [
         (dict(d_sae=0), "d_sae must be a positive integer"),
-        (dict(sparsity="l2"), "sparsity must be one of"),
-        (dict(aux_decoder="half"), "aux_decoder must be one of"),
         (dict(threshold_init=-1.0), "threshold_init must be >= 0"),
-        (dict(threshold_param="exp"), "threshold_param must be one of"),
+        (dict(aux_coefficient=-1.0), "aux_coefficient must be >= 0"),
         (dict(threshold_lr_scale=0.0), "threshold_lr_scale must be > 0"),
-        (dict(decoder_norm="free"), "decoder_norm must be one of"),
-        (dict(threshold_param="log", threshold_init=0.0), "needs threshold_init > 0"),
-        (dict(threshold_init_l0=0), "threshold_init_l0 must be in"),
-        (dict(threshold_init_l0=D_SAE + 1), "threshold_init_l0 must be in"),
     ],
 )
 def test_bad_training_config(kwargs, match):

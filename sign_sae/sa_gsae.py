@@ -1,0 +1,514 @@
+"""SA-GSAE: the Bi-Jump-ReLU function, both configs, the inference SAE and the training SAE.
+
+Training learns a two-sided gate and a signed magnitude on one shared encoder product. With
+x' = x - b_dec and p = x' W_enc (computed once per step):
+
+    pi  = p + b_gate                                    gate pre-activation
+    g+  = H(pi - threshold_pos),  g- = H(-pi - threshold_neg)   thresholds >= 0: one side open
+    m+  = exp(r_mag) p + b_mag,   m- = exp(r_mag_neg) p + b_mag_neg   (tied: m- = m+)
+    f   = g+ ReLU(m+) - g- ReLU(-m-)
+    u   = ReLU(pi - threshold_pos) - ReLU(-pi - threshold_neg)
+    loss = ||x - x_hat||^2 + lambda sum_i ||d_i|| |u_i| + aux_coefficient ||x - (W_dec u + b_dec)||^2
+
+The sparsity penalty is on the gate only; the aux term (the live decoder, as in SAELens's
+Gated SAE) keeps gates from collapsing. After every optimiser step the trainer calls
+``constrain``: thresholds are clamped at 0, and latents that have not fired for
+``dead_reset_tokens`` tokens get their thresholds reset to ``threshold_init``.
+
+At inference the gate and the magnitude fold into one pre-activation z = x' W_enc' + b_enc and
+two thresholds, so encoding is one matmul and a Bi-Jump-ReLU:
+
+    f = z [H(z - threshold_pos) + H(-z - threshold_neg)]      (tied, the default)
+    f = z H(z - threshold_pos) + z_neg H(-z_neg - threshold_neg),
+        z_neg = scale_neg (z - b_enc) + b_enc_neg               (untied)
+    f = z H(z - threshold_pos)                                  (one-sided: a Gated SAE)
+
+``SAGSAETrainingSAE.save_inference_model`` writes exactly these parameters. docs/method.md says
+why each choice was made; the training step runs fused (``sign_sae.fused``) where it can.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from torch import nn
+from torch.nn import functional as F
+from typing_extensions import override
+
+from sign_sae.fused import SAGSAEStep, StepSpec
+from sign_sae.storage import check_cfg_fields, write_folder
+
+ARCHITECTURE = "sa_gsae"
+THRESHOLDS = ("threshold_pos", "threshold_neg")
+
+
+# ---- Bi-Jump-ReLU --------------------------------------------------------------------------
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1[|u| < 1/2]."""
+    return (u.abs() < 0.5).to(u)
+
+
+class BiJumpReLU(torch.autograd.Function):
+    """z [H(z - t+) + H(-z - t-)] with t+, t- >= 0: exact in z, and rectangle-kernel
+    straight-through estimates (bandwidth eps, as JumpReLU SAEs, arXiv 2407.14435) in the
+    thresholds, which are unbiased estimates of the derivative of the expected output."""
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor, threshold_pos: torch.Tensor, threshold_neg: torch.Tensor, bandwidth: float
+    ) -> torch.Tensor:
+        return z * ((z > threshold_pos) | (-z > threshold_neg)).to(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        z, threshold_pos, threshold_neg, bandwidth = inputs
+        ctx.save_for_backward(z, threshold_pos, threshold_neg)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        z, t_pos, t_neg = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = ((z > t_pos) | (-z > t_neg)).to(z) * grad_out
+        # Raising t+ removes mass at z = t+ (value t+): d/dt+ E[f] = -t+ p(t+).
+        grad_pos = -(t_pos / eps) * rectangle((z - t_pos) / eps) * grad_out
+        # Raising t- removes mass at z = -t- (value -t-): d/dt- E[f] = t- p(-t-).
+        grad_neg = (t_neg / eps) * rectangle((-z - t_neg) / eps) * grad_out
+        return grad_z, grad_pos.sum_to_size(t_pos.shape), grad_neg.sum_to_size(t_neg.shape), None
+
+
+def bi_jump_relu(
+    z: torch.Tensor,
+    threshold_pos: torch.Tensor,
+    threshold_neg: torch.Tensor,
+    bandwidth: float = 1e-3,
+) -> torch.Tensor:
+    """Bi-Jump-ReLU: z where z > threshold_pos or z < -threshold_neg, else 0."""
+    return BiJumpReLU.apply(z, threshold_pos, threshold_neg, bandwidth)
+
+
+# ---- configs -------------------------------------------------------------------------------
+class StrictSAGSAEConfig:
+    """What both configs share: the architecture name, and strict parsing (unknown or wrongly
+    typed fields are an error, not silently dropped as in SAELens)."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        check_cfg_fields(config_dict, cls)
+        return super().from_dict(config_dict)  # type: ignore[misc]
+
+
+def validate_dims(d_in: Any, d_sae: Any) -> None:
+    """d_in and d_sae must be positive integers."""
+    for name, v in (("d_in", d_in), ("d_sae", d_sae)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+
+
+@dataclass
+class SAGSAEConfig(StrictSAGSAEConfig, SAEConfig):
+    """Inference config. ``tied``: one magnitude scale for both signs; ``two_sided``: the gate
+    opens on either sign (False is the one-sided ablation, a Gated SAE)."""
+
+    tied: bool = True
+    two_sided: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_dims(self.d_in, self.d_sae)
+
+
+@dataclass(kw_only=True)
+class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
+    """Training config; the defaults are the recommended recipe (docs/method.md).
+
+    - ``tied``, ``two_sided``: as ``SAGSAEConfig`` (the paper's ablations).
+    - ``sparsity_coefficient``: lambda of the gated-L1 penalty, after a linear warm-up over
+      ``sparsity_warm_up_steps`` steps.
+    - ``aux_coefficient``: weight of the auxiliary reconstruction from the gate path (0 = the
+      paper's "no aux" ablation).
+    - ``threshold_init``: the thresholds at the start and after a dead-latent reset.
+    - ``threshold_lr_scale``: the thresholds' learning rate as a multiple of the base rate.
+    - ``dead_reset_tokens``: reset a latent's thresholds after this many tokens without firing
+      (0 = never).
+    """
+
+    tied: bool = True
+    two_sided: bool = True
+    sparsity_coefficient: float = 1.0
+    sparsity_warm_up_steps: int = 0
+    aux_coefficient: float = 1.0
+    threshold_init: float = 1e-3
+    threshold_lr_scale: float = 10.0
+    dead_reset_tokens: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        validate_dims(self.d_in, self.d_sae)
+        for name in ("sparsity_coefficient", "aux_coefficient", "threshold_init"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.threshold_lr_scale <= 0:
+            raise ValueError(f"threshold_lr_scale must be > 0, got {self.threshold_lr_scale}.")
+        super().__post_init__()
+
+
+def check_input(x: torch.Tensor, d_in: int, hook_name: str | None) -> None:
+    """Clear errors for activations of the wrong width or with NaN/Inf entries."""
+    if x.shape[-1] != d_in:
+        where = f" (trained on {hook_name})" if hook_name else ""
+        raise ValueError(
+            f"Activations have last dimension {x.shape[-1]} but this SAE expects d_in={d_in}"
+            f"{where}. Feed activations from the hook the SAE was trained on."
+        )
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"Activations contain {bad} NaN/Inf value(s). Check the model forward (dtype "
+            "overflow, a broken hook) or drop those rows before encoding."
+        )
+
+
+def save_sae_folder(
+    path: str | Path, state_dict: dict[str, torch.Tensor], cfg: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write an SAE folder in SAELens's layout atomically; returns (weights, cfg) paths."""
+    path = Path(path)
+    write_folder(path, {SAE_WEIGHTS_FILENAME: state_dict, SAE_CFG_FILENAME: cfg})
+    return path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+
+
+# ---- inference -----------------------------------------------------------------------------
+class SAGSAE(SAE[SAGSAEConfig]):
+    """Sign-aware gated SAE at inference: signed latents, exactly zero when inactive."""
+
+    b_enc: nn.Parameter
+    threshold_pos: nn.Parameter
+    threshold_neg: nn.Parameter
+    scale_neg: nn.Parameter  # exp(r_mag_neg) / exp(r_mag), untied only
+    b_enc_neg: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        cfg = self.cfg
+        vec = lambda v: nn.Parameter(  # noqa: E731
+            torch.full((cfg.d_sae,), v, dtype=self.dtype, device=self.device)
+        )
+        self.b_enc, self.threshold_pos = vec(0.0), vec(0.0)
+        if cfg.two_sided:
+            self.threshold_neg = vec(0.0)
+            if not cfg.tied:
+                self.scale_neg, self.b_enc_neg = vec(1.0), vec(0.0)
+
+    @override
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_input(self.reshape_fn_in(sae_in), self.cfg.d_in, self.cfg.metadata.hook_name)
+        return super().process_sae_in(sae_in)
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+        if not self.cfg.two_sided:
+            feats = z * (z > self.threshold_pos).to(z)
+        elif self.cfg.tied:
+            feats = bi_jump_relu(z, self.threshold_pos, self.threshold_neg)
+        else:
+            z_neg = self.scale_neg * (z - self.b_enc) + self.b_enc_neg
+            feats = z * (z > self.threshold_pos).to(z) + z_neg * (-z_neg > self.threshold_neg).to(z)
+        return self.hook_sae_acts_post(feats)
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        norms = self.fold_and_get_W_dec_norm()  # scales W_enc, W_dec and b_enc
+        self.threshold_pos.mul_(norms)
+        if self.cfg.two_sided:
+            self.threshold_neg.mul_(norms)
+            if not self.cfg.tied:
+                self.b_enc_neg.mul_(norms)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+        if not self.cfg.apply_b_dec_to_input and self.cfg.two_sided and not self.cfg.tied:
+            self.b_enc_neg.sub_(self.scale_neg * (mean.to(self.W_enc) @ self.W_enc))
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save in SAELens's format, atomically."""
+        return save_sae_folder(path, self.state_dict(), self.cfg.to_dict())
+
+
+# ---- training ------------------------------------------------------------------------------
+class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
+    """Trainable SA-GSAE; ``save_inference_model`` folds it into ``SAGSAE``.
+
+    Speed switches (attributes, not config: they never change a result beyond rounding):
+    ``fused`` runs the step as ``sign_sae.fused.SAGSAEStep`` where it applies;
+    ``compile_step`` fuses its element-wise passes with ``torch.compile``. Under
+    ``torch.autocast`` the fused step's matmuls run in the autocast dtype.
+    """
+
+    fused: bool = True
+    compile_step: bool = False
+
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
+    r_mag_neg: nn.Parameter
+    b_mag_neg: nn.Parameter
+    threshold_pos: nn.Parameter
+    threshold_neg: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        cfg = self.cfg
+        vec = lambda v: nn.Parameter(  # noqa: E731
+            torch.full((cfg.d_sae,), v, dtype=self.dtype, device=self.device)
+        )
+        self.b_gate, self.r_mag, self.b_mag = vec(0.0), vec(0.0), vec(0.0)
+        for name in self.threshold_names():
+            setattr(self, name, vec(cfg.threshold_init))
+        if self.untied:
+            self.r_mag_neg, self.b_mag_neg = vec(0.0), vec(0.0)
+
+    @property
+    def untied(self) -> bool:
+        """Separate magnitude parameters for the negative side."""
+        return self.cfg.two_sided and not self.cfg.tied
+
+    def threshold_names(self) -> tuple[str, ...]:
+        """The threshold parameters this variant has."""
+        return THRESHOLDS if self.cfg.two_sided else THRESHOLDS[:1]
+
+    # ---- forward ---------------------------------------------------------------------------
+    @override
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_input(sae_in, self.cfg.d_in, self.cfg.metadata.hook_name)
+        return super().process_sae_in(sae_in)
+
+    def _features(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed features f, positive magnitude pre-activation m+) from p = x' W_enc."""
+        pi = p + self.b_gate
+        m_pos = self.hook_sae_acts_pre(p * self.r_mag.exp() + self.b_mag)
+        f = (pi > self.threshold_pos).to(pi) * F.relu(m_pos)
+        if self.cfg.two_sided:
+            m_neg = p * self.r_mag_neg.exp() + self.b_mag_neg if self.untied else m_pos
+            f = f - (-pi > self.threshold_neg).to(pi) * F.relu(-m_neg)
+        return self.hook_sae_acts_post(f), m_pos
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._features(self.process_sae_in(x) @ self.W_enc)
+
+    # ---- losses ----------------------------------------------------------------------------
+    def _gate_losses(
+        self, pi: torch.Tensor, target: torch.Tensor, coefficient: float
+    ) -> dict[str, torch.Tensor]:
+        """Sparsity on the gate and the auxiliary reconstruction from the gate path alone."""
+        u = F.relu(pi - self.threshold_pos)
+        if self.cfg.two_sided:
+            u = u - F.relu(-pi - self.threshold_neg)
+        sparsity = (u.abs() * self.W_dec.norm(dim=1)).sum(-1).mean()
+        losses = {"sparsity_loss": coefficient * sparsity}
+        if self.cfg.aux_coefficient > 0:
+            aux = (u @ self.W_dec + self.b_dec - target).pow(2).sum(-1).mean()
+            losses["auxiliary_reconstruction_loss"] = self.cfg.aux_coefficient * aux
+        return losses
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        pi = self.process_sae_in(step_input.sae_in) @ self.W_enc + self.b_gate
+        return self._gate_losses(pi, step_input.sae_in, step_input.coefficients["sparsity"])
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One shared encoder product feeds the gate, both magnitudes and the aux path."""
+        sae_in = step_input.sae_in
+        coefficient = step_input.coefficients["sparsity"]
+        if self._can_fuse(sae_in):
+            sae_out, f, m_pos, losses = self._fused_step(sae_in, coefficient)
+        else:
+            p = self.process_sae_in(sae_in) @ self.W_enc
+            f, m_pos = self._features(p)
+            sae_out = self.decode(f)
+            losses = {"mse_loss": (sae_out - sae_in).pow(2).sum(-1).mean()}
+            losses.update(self._gate_losses(p + self.b_gate, sae_in, coefficient))
+        return TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=f,
+            hidden_pre=m_pos,
+            loss=sum(losses.values()),
+            losses=losses,
+        )
+
+    def _can_fuse(self, sae_in: torch.Tensor) -> bool:
+        """The fused step covers plain inputs without hooks (the reference path covers all)."""
+        hooks = (
+            self.hook_sae_input,
+            self.hook_sae_acts_pre,
+            self.hook_sae_acts_post,
+            self.hook_sae_recons,
+        )
+        return (
+            self.fused
+            and not sae_in.requires_grad
+            and self.cfg.normalize_activations == "none"
+            and not self.hook_z_reshaping_mode
+            and not any(h._forward_hooks or h._forward_pre_hooks for h in hooks)
+        )
+
+    def _fused_step(
+        self, sae_in: torch.Tensor, coefficient: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x_hat, f, m+, losses) from ``SAGSAEStep``; the same values as the reference path."""
+        cfg = self.cfg
+        check_input(sae_in, cfg.d_in, cfg.metadata.hook_name)
+        x = sae_in.to(self.dtype)
+        spec = StepSpec(
+            two_sided=cfg.two_sided,
+            tied=cfg.tied,
+            aux=cfg.aux_coefficient > 0,
+            centre=cfg.apply_b_dec_to_input,
+            compile=self.compile_step,
+        )
+        sae_out, f, m_pos, mse, sparsity, aux = SAGSAEStep.apply(
+            spec,
+            x.reshape(-1, cfg.d_in),
+            float(coefficient),
+            float(cfg.aux_coefficient),
+            self.b_dec,
+            self.W_enc,
+            self.W_dec,
+            self.W_dec.norm(dim=1),
+            *self._latent_params(),
+        )
+        lead = x.shape[:-1]
+        losses = {"mse_loss": mse, "sparsity_loss": sparsity}
+        if spec.aux:
+            losses["auxiliary_reconstruction_loss"] = aux
+        return (
+            sae_out.reshape(*lead, cfg.d_in),
+            f.reshape(*lead, cfg.d_sae),
+            m_pos.reshape(*lead, cfg.d_sae),
+            losses,
+        )
+
+    def _latent_params(self) -> list[torch.Tensor | None]:
+        """The per-latent parameters in ``Latents``'s order (None where the variant has none)."""
+        names = ("b_gate", *THRESHOLDS, "r_mag", "b_mag", "r_mag_neg", "b_mag_neg")
+        return [getattr(self, n) if n in self._parameters else None for n in names]
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {
+            "sparsity": TrainCoefficientConfig(
+                value=self.cfg.sparsity_coefficient,
+                warm_up_steps=self.cfg.sparsity_warm_up_steps,
+            )
+        }
+
+    # ---- the trainer's protocol (sign_sae.trainer.Constrained) ----------------------------
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name: the thresholds learn at
+        ``threshold_lr_scale`` times the base rate."""
+        return dict.fromkeys(self.threshold_names(), self.cfg.threshold_lr_scale)
+
+    @torch.no_grad()
+    def constrain(self, tokens_since_fired: torch.Tensor) -> torch.Tensor:
+        """After an optimiser step: clamp the thresholds at 0 and reset those of latents that
+        have not fired for ``dead_reset_tokens`` tokens; returns the mask of reset latents."""
+        window = self.cfg.dead_reset_tokens
+        dead = tokens_since_fired.to(self.device) >= window if window > 0 else None
+        for name in self.threshold_names():
+            threshold = getattr(self, name)
+            threshold.clamp_(min=0.0)
+            if dead is not None:
+                threshold[dead] = self.cfg.threshold_init
+        return dead if dead is not None else torch.zeros_like(tokens_since_fired, dtype=torch.bool)
+
+    # ---- folding and export ----------------------------------------------------------------
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        norms = self.fold_and_get_W_dec_norm()
+        # the biases and thresholds on the scale of p scale with W_enc's columns
+        for name in ("b_gate", "b_mag", "b_mag_neg", *THRESHOLDS):
+            if name in self._parameters:
+                getattr(self, name).mul_(norms)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+        if not self.cfg.apply_b_dec_to_input:
+            shift = mean.to(self.W_enc) @ self.W_enc  # p picks up -shift; bias terms absorb it
+            self.b_gate.sub_(shift)
+            self.b_mag.sub_(shift * self.r_mag.exp())
+            if self.untied:
+                self.b_mag_neg.sub_(shift * self.r_mag_neg.exp())
+
+    @torch.no_grad()
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The folded Bi-Jump-ReLU parameters of ``SAGSAE`` (the same function)."""
+        theta_pos = self.threshold_pos.clamp(min=0)
+        scale = self.r_mag.exp()
+        state = {
+            "W_enc": self.W_enc * scale,
+            "b_enc": self.b_mag.clone(),
+            "W_dec": self.W_dec.clone(),
+            "b_dec": self.b_dec.clone(),
+            # pi > theta+  <=>  m+ > exp(r)(theta+ - b_gate) + b_mag; ReLU adds m+ > 0.
+            "threshold_pos": (scale * (theta_pos - self.b_gate) + self.b_mag).clamp(min=0),
+        }
+        if self.cfg.two_sided:
+            theta_neg = self.threshold_neg.clamp(min=0)
+            scale_neg = self.r_mag_neg.exp() if self.untied else scale
+            b_neg = self.b_mag_neg if self.untied else self.b_mag
+            # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.
+            state["threshold_neg"] = (scale_neg * (theta_neg + self.b_gate) - b_neg).clamp(min=0)
+            if self.untied:
+                state["scale_neg"] = scale_neg / scale
+                state["b_enc_neg"] = b_neg.clone()
+        return state
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save a training checkpoint (every parameter), atomically."""
+        return save_sae_folder(path, self.state_dict(), self.cfg.to_dict())
+
+    @override
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save the folded inference SAE (``SAGSAE``) in SAELens's format, atomically."""
+        return save_sae_folder(
+            path, self.inference_state_dict(), self.cfg.get_inference_sae_cfg_dict()
+        )

@@ -1,0 +1,483 @@
+"""The one training loop for every SAE (SA-GSAE and SAELens's baselines): ``Trainer``.
+
+The SAE stays an SAELens ``TrainingSAE`` and is stepped through its own
+``training_forward_pass``. The trainer owns everything around it: Adam with one parameter group
+per learning-rate multiplier, the learning-rate and sparsity schedules, input scaling, the one
+dead-latent clock, the log rows, and checkpoints with exact resume (batches are a pure function
+of the step, the step is deterministic, and a checkpoint holds the SAE, Adam's state and the
+trainer's own state in its own files).
+
+An SAE may implement ``Constrained`` (SA-GSAE does): the trainer then takes its learning-rate
+multipliers when it builds the optimiser and calls ``constrain`` after every optimiser step,
+with the clock, to clamp parameters and reset dead latents. SAEs without it train unchanged.
+
+Inputs are scaled by one scalar so that E||x||^2 = d_in (over the whole source where it can
+say, so that it does not depend on the seed); the factor is folded into the SAE when training
+ends (``fold_activation_norm_scaling_factor``), so the saved SAE takes raw activations.
+
+Under ``torchrun`` the same code runs data-parallel (docs/distributed.md): rank r takes rows
+r::world of each global batch; one all-reduce per step makes the loss, the firing statistics and
+the log row global, and gradients are summed over ranks with weights (local rows / global rows),
+so they equal the 1-process gradient, before clipping. The run does not depend on the number of
+ranks. Rank 0 alone writes checkpoints.
+"""
+
+import fnmatch
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from sae_lens import TrainingSAE
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from tqdm.auto import tqdm
+
+from sign_sae import distributed
+from sign_sae.storage import atomic_write_text, read_weights, write_folder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+LATEST = "latest"  # a file naming the newest complete step folder under CHECKPOINT
+CHECKPOINT_FILES = (
+    "sae_weights.safetensors",  # the SAE's state dict
+    "cfg.json",  # the SAE's config
+    "optimizer.safetensors",  # Adam's state, flat
+    "trainer.safetensors",  # the trainer's tensors: the dead-latent clock
+    "trainer.json",  # the trainer's counters, schedule state, history and Adam's groups
+)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every architecture (Adam, as in SAELens)."""
+
+    total_steps: int = 1000  # optimiser steps
+    batch_size: int = 4096  # rows (tokens) per step, over all ranks
+    lr: float = 1e-3  # base learning rate
+    lr_warm_up_steps: int = 0  # linear warm-up from lr / lr_warm_up_steps
+    lr_decay_steps: int = 0  # linear decay to lr_end over the last lr_decay_steps
+    lr_end: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    normalize: bool = True  # scale inputs to E||x||^2 = d_in; folded back at the end
+    dead_window_tokens: int = 1_000_000  # tokens without firing that make a latent dead (TopK aux)
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    skip_nonfinite: bool = False  # drop rows with NaN/Inf (logged) instead of stopping
+    log_every: int = 50  # steps between history rows
+    seed: int = 0
+    # learning-rate multipliers by parameter-name pattern (fnmatch); they take precedence over
+    # the SAE's own (``Constrained.lr_scales``), e.g. {"b_gate": 10.0} for a Gated SAE
+    lr_scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        bad = {k: v for k, v in self.lr_scales.items() if not v > 0}
+        if bad:
+            raise ValueError(f"lr_scales must be positive, got {bad}.")
+
+
+@runtime_checkable
+class Constrained(Protocol):
+    """What an SAE may offer the trainer beyond SAELens's ``TrainingSAE``."""
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (others get 1)."""
+        ...
+
+    def constrain(self, tokens_since_fired: torch.Tensor) -> torch.Tensor:
+        """Apply constraints after an optimiser step, given the tokens since each latent last
+        fired; returns the mask of latents it reset (their clocks restart)."""
+        ...
+
+
+class BatchSource(Protocol):
+    """Anything that returns the training batch for a given step (deterministically)."""
+
+    def batch(self, step: int) -> torch.Tensor: ...
+
+
+class TensorBatches:
+    """Shuffled batches from an in-memory [n, d] tensor; batch k is a pure function of (k, seed).
+
+    With ``world`` > 1 it yields rank ``rank``'s share, rows rank::world, of global batch k.
+    """
+
+    def __init__(
+        self, data: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+    ):
+        if data.ndim != 2 or data.shape[0] < batch_size:
+            raise ValueError(
+                f"Need a [n, d] tensor with n >= batch_size={batch_size}, got {tuple(data.shape)}."
+            )
+        if not 0 <= rank < world <= batch_size:
+            raise ValueError(f"Need 0 <= rank < world <= batch_size, got {rank}, {world}.")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world = rank, world
+        self.per_epoch = data.shape[0] // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.data.shape[0], generator=g)
+        idx = self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+        if self.world > 1:
+            idx = idx[self.rank :: self.world]
+        return self.data[idx].float()
+
+    def shard(self, rank: int, world: int) -> "TensorBatches":
+        """The same global batches, seen by rank ``rank`` of ``world``."""
+        return TensorBatches(self.data, self.batch_size, self.seed, rank, world)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_s: float
+    scaling_factor: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    lr = cfg.lr
+    if cfg.lr_warm_up_steps and step < cfg.lr_warm_up_steps:
+        return lr * (step + 1) / cfg.lr_warm_up_steps
+    decay_start = cfg.total_steps - cfg.lr_decay_steps
+    if cfg.lr_decay_steps and step >= decay_start:
+        frac = (step - decay_start + 1) / cfg.lr_decay_steps
+        return lr + (cfg.lr_end - lr) * frac
+    return lr
+
+
+def _coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:
+    out = {}
+    for name, c in sae.get_coefficients().items():
+        if isinstance(c, TrainCoefficientConfig):
+            warm = min(1.0, (step + 1) / c.warm_up_steps) if c.warm_up_steps else 1.0
+            out[name] = c.value * warm
+        else:
+            out[name] = float(c)
+    return out
+
+
+def estimate_scaling_factor(data: BatchSource, d_in: int, n_batches: int = 8) -> float:
+    """sqrt(d_in / E||x||^2): over every row of an in-memory source (``TensorBatches``), so
+    the factor does not depend on the seed; otherwise over the first ``n_batches`` batches."""
+    rows = getattr(data, "data", None)
+    if isinstance(rows, torch.Tensor):
+        sq = torch.cat([c.double().pow(2).sum(-1) for c in rows.split(65536)]).mean()
+        return math.sqrt(d_in / sq.item())
+    sq = [data.batch(i).pow(2).sum(-1).mean() for i in range(n_batches)]
+    return math.sqrt(d_in / torch.stack(sq).mean().item())
+
+
+def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
+    """The batch, or an error naming the step and count of NaN/Inf values (or, with
+    ``skip``, the batch without the rows that hold them)."""
+    finite = torch.isfinite(x).all(-1)
+    if bool(finite.all()):
+        return x
+    if skip:
+        log.warning("step %d: skipped %d row(s) with NaN/Inf", step, int((~finite).sum()))
+        return x[finite]
+    bad = int((~torch.isfinite(x)).sum())
+    raise ValueError(
+        f"Step {step}: the batch holds {bad} NaN/Inf activation(s). Rebuild the activation "
+        "cache, or set skip_nonfinite to drop such rows."
+    )
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``ckpt_root``, or None."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = ckpt_root / pointer.read_text().strip()
+    if not (folder / "trainer.json").is_file():
+        raise ValueError(
+            f"{pointer} names {folder.name}, which is missing or incomplete; delete "
+            f"{ckpt_root} to restart the run from scratch."
+        )
+    return folder
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Adam's state as flat tensors (safetensors) plus its JSON-able param groups."""
+    sd = opt.state_dict()
+    flat = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return flat, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], groups) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    """Trains one SAE in place on ``data`` with ``cfg``; ``run`` returns a ``TrainResult``.
+
+    With ``run_dir``, a checkpoint is written atomically every ``cfg.checkpoint_every`` steps
+    and at the end, and ``run(resume=True)`` continues from the newest one with the same
+    weights an uninterrupted run gets.
+    """
+
+    def __init__(
+        self,
+        sae: TrainingSAE,
+        data: BatchSource,
+        cfg: TrainConfig,
+        run_dir: Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        torch.manual_seed(cfg.seed)
+        self.sae, self.data, self.cfg, self.progress = sae, data, cfg, progress
+        self.ckpt_root = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+        self.constrained = isinstance(sae, Constrained)
+        own = sae.lr_scales() if self.constrained else {}
+        self.opt = torch.optim.Adam(
+            _param_groups(sae, cfg.lr_scales, own),
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+        )
+        self.step, self.history, self.wall_before, self.scale = 0, [], 0.0, 1.0
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+
+    def run(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to ``cfg.total_steps`` (or pause at ``stop_at``: checkpoint written, scaling
+        NOT folded, so a later ``run(resume=True)`` continues) and fold the scaling in."""
+        cfg, sae = self.cfg, self.sae
+        ckpt = latest_checkpoint(self.ckpt_root) if resume and self.ckpt_root else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        elif cfg.normalize:
+            self.scale = estimate_scaling_factor(self.data, sae.cfg.d_in)
+        world = distributed.get_world()
+        data = _local_share(self.data, world) if world > 1 else self.data
+        if world > 1:
+            _start_together(sae, self.step)
+        t0 = time.perf_counter()
+        sae.train()
+        end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+        bar = tqdm(
+            range(self.step, end),
+            disable=not self.progress or not distributed.is_main(),
+            desc="train",
+            leave=False,
+        )
+        for step in bar:
+            row = self._step(step, data.batch(step))
+            if row is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
+            if self.ckpt_root and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(self.wall_before + time.perf_counter() - t0)
+        self.wall_before += time.perf_counter() - t0
+        if self.ckpt_root is not None:
+            self.save_checkpoint(self.wall_before)
+            distributed.barrier()  # on every rank, the checkpoint exists once run() returns
+        if end == cfg.total_steps:
+            sae.eval()
+            if self.scale != 1.0:
+                sae.fold_activation_norm_scaling_factor(self.scale)
+        return TrainResult(end, self.wall_before, self.scale, self.history)
+
+    def _step(self, step: int, batch: torch.Tensor) -> dict[str, float] | None:
+        """One optimiser step on ``batch``; returns the log row when one is due."""
+        cfg, sae, clock = self.cfg, self.sae, self.tokens_since_fired
+        x = _finite_rows(batch, step, cfg.skip_nonfinite)
+        x = x.to(sae.device, sae.dtype) * self.scale
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(cfg, step) * group["lr_scale"]
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients=_coefficients(sae, step),
+                dead_neuron_mask=(clock >= cfg.dead_window_tokens).to(sae.device),
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
+        self.opt.zero_grad(set_to_none=True)
+        n_rows, fired = self._reduce_step(out, step)
+        out.loss.backward()
+        if distributed.get_world() > 1:
+            distributed.reduce_gradients(sae.parameters(), out.sae_in.shape[0] / n_rows)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            clock += n_rows
+            clock[fired.cpu()] = 0
+            if self.constrained:
+                clock[sae.constrain(clock).cpu()] = 0
+        self.step = step + 1
+        if self.step % cfg.log_every and self.step != cfg.total_steps:
+            return None
+        row = _log_row(self.step, out)
+        self.history.append(row)
+        log.debug("step %d %s", self.step, row)
+        return row
+
+    @torch.no_grad()
+    def _reduce_step(self, out: TrainStepOutput, step: int) -> tuple[int, torch.Tensor]:
+        """(global rows, mask of latents fired on any rank); stops every rank on a non-finite
+        global loss. One all-reduce under torchrun, none in one process."""
+        active = (out.feature_acts != 0).reshape(-1, self.sae.cfg.d_sae)
+        n_local = active.shape[0]
+        if distributed.get_world() == 1:
+            if not torch.isfinite(out.loss):
+                raise _loss_error(step, out.loss.item())
+            return n_local, active.any(0)
+        stats = torch.cat(
+            [
+                torch.tensor([n_local], dtype=torch.float64, device=active.device),
+                out.loss.detach().double().reshape(1) * n_local,
+                active.any(0).double(),
+            ]
+        )
+        distributed.all_reduce_sum(stats)
+        n_rows = int(stats[0])
+        if not math.isfinite(stats[1].item() / n_rows):
+            raise _loss_error(step, stats[1].item() / n_rows)
+        return n_rows, stats[2:] > 0
+
+    def save_checkpoint(self, wall: float) -> None:
+        """Write ``step_<n>/`` atomically, then point ``latest`` at it and drop older ones."""
+        if not distributed.is_main() or self.ckpt_root is None:
+            return
+        flat, groups = _optimizer_tensors(self.opt)
+        state = {
+            "step": self.step,
+            "scaling_factor": self.scale,
+            "wall_s": wall,
+            "history": self.history,
+            "param_groups": groups,
+            "train_config": asdict(self.cfg),
+        }
+        name = f"step_{self.step:09d}"
+        contents = (
+            self.sae.state_dict(),
+            self.sae.cfg.to_dict(),
+            flat,
+            {"tokens_since_fired": self.tokens_since_fired},
+            state,
+        )
+        write_folder(self.ckpt_root / name, dict(zip(CHECKPOINT_FILES, contents, strict=True)))
+        # The pointer moves only once the new folder is complete; then older folders go.
+        atomic_write_text(self.ckpt_root / LATEST, name)
+        for old in self.ckpt_root.glob("step_*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore the SAE, Adam and the trainer from a checkpoint folder."""
+        state = json.loads((folder / "trainer.json").read_text())
+        self.sae.load_state_dict(read_weights(folder / "sae_weights.safetensors"))
+        _load_optimizer(
+            self.opt, read_weights(folder / "optimizer.safetensors"), state["param_groups"]
+        )
+        self.tokens_since_fired = read_weights(folder / "trainer.safetensors")["tokens_since_fired"]
+        self.step, self.history = state["step"], state["history"]
+        self.scale, self.wall_before = state["scaling_factor"], state["wall_s"]
+        log.info("resumed from %s at step %d", folder, self.step)
+
+
+def train(
+    sae: TrainingSAE,
+    data: BatchSource,
+    cfg: TrainConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """``Trainer(sae, data, cfg, run_dir, progress).run(resume, stop_at)``: train ``sae`` in
+    place and fold the input scaling back into it. Under ``torchrun`` every rank calls it with
+    the same (global) ``data``, which must have a ``shard(rank, world)`` method like
+    ``TensorBatches``; a checkpoint resumes with any number of ranks."""
+    return Trainer(sae, data, cfg, run_dir, progress).run(resume, stop_at)
+
+
+def _param_groups(
+    sae: TrainingSAE, patterns: dict[str, float], own: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Adam parameter groups, one per learning-rate multiplier: the first of ``patterns`` that
+    matches a parameter's name decides, then the SAE's ``own`` multipliers, else 1."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used = set()
+    for name, param in sae.named_parameters():
+        pattern = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        used.add(pattern)
+        scale = patterns[pattern] if pattern is not None else own.get(name, 1.0)
+        groups.setdefault(scale, []).append(param)
+    unused = sorted(set(patterns) - used)
+    if unused:
+        names = [n for n, _ in sae.named_parameters()]
+        raise ValueError(f"lr_scales patterns {unused} match no parameter; parameters: {names}.")
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
+
+def _loss_error(step: int, loss: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"Step {step}: the loss is {loss}; lower the learning rate or check the inputs."
+    )
+
+
+def _local_share(data: BatchSource, world: int) -> BatchSource:
+    """This rank's share of every global batch."""
+    if not hasattr(data, "shard"):
+        raise TypeError(
+            f"Data-parallel training needs batches with a shard(rank, world) method (as "
+            f"TensorBatches has); {type(data).__name__} has none."
+        )
+    return data.shard(distributed.get_rank(), world)
+
+
+def _start_together(sae: TrainingSAE, start: int) -> None:
+    """Check every rank starts at the same step, then give all of them rank 0's weights."""
+    if not distributed.same_on_all_ranks(start):
+        raise ValueError(
+            "Ranks found different checkpoints to resume from; the run folder must be on a "
+            "file system that every node shares."
+        )
+    distributed.broadcast_tensors(sae.state_dict().values())
+
+
+@torch.no_grad()
+def _log_row(step: int, out: TrainStepOutput) -> dict[str, float]:
+    """Loss terms, L0 and R^2 (around the batch mean) over the global batch: float64 sums,
+    all-reduced under torchrun."""
+    x = out.sae_in.double()
+    n = x.shape[0]
+    sums = torch.cat(
+        [
+            torch.tensor([n], dtype=torch.float64, device=x.device),
+            torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())]).double()
+            * n,
+            (out.sae_out.double() - x).pow(2).sum().reshape(1),
+            (out.feature_acts != 0).sum().double().reshape(1),
+            x.pow(2).sum().reshape(1),
+            x.sum(0),
+        ]
+    )
+    distributed.all_reduce_sum(sums)
+    n_rows, k = sums[0].item(), len(out.losses)
+    losses = (sums[1 : k + 2] / n_rows).tolist()
+    resid, active, sq = sums[k + 2 : k + 5].tolist()
+    total = sq - sums[k + 5 :].pow(2).sum().item() / n_rows
+    row = {"step": step, "loss": losses[0], **dict(zip(out.losses, losses[1:], strict=True))}
+    row["l0"] = active / n_rows
+    row["r2"] = 1.0 - resid / total
+    return row
