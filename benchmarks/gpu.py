@@ -2,9 +2,9 @@
 
 Sized for one call on an H100/H200 (d 2048, F 16384, batch 8192, bf16 autocast with fp32 master
 weights; a few minutes including ``torch.compile``). Needs torch alone: it loads
-``sign_sae/fused.py`` by path and mirrors, in plain torch, SAELens's ``GatedTrainingSAE`` step
-and ``SAGSAETrainingSAE``'s default step (``--check`` verifies both mirrors against those classes
-where sae-lens is installed). Prints, in order:
+``sign_sae/fused.py`` and the table writer ``sign_sae/markdown.py`` by path and mirrors, in plain
+torch, SAELens's ``GatedTrainingSAE`` step and ``SAGSAETrainingSAE``'s default step (``--check``
+verifies both mirrors against those classes where sae-lens is installed). Prints, in order:
 
 1. checks on the GPU: compiled (Triton) kernels equal the eager ones, fp32, small size;
 2. the bf16 matmul rate on the step's operand shapes and an 8192^3 product (the limit);
@@ -27,22 +27,23 @@ from types import ModuleType
 import torch
 
 from benchmarks.common import STEP_MATMULS, interleaved, machine, matmuls, median, paired_ratio
-from benchmarks.common import table as md_table
 
 Params = dict[str, torch.Tensor]
 
 
-def load_fused() -> ModuleType:
-    """``sign_sae.fused`` without importing the package (whose other modules need sae-lens)."""
-    path = Path(__file__).resolve().parents[1] / "sign_sae" / "fused.py"
-    spec = importlib.util.spec_from_file_location("sign_sae_fused", path)
+def load(name: str) -> ModuleType:
+    """``sign_sae.<name>`` (a module that needs torch at most) without importing the package,
+    whose other modules need sae-lens."""
+    path = Path(__file__).resolve().parents[1] / "sign_sae" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sign_sae_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-fused = load_fused()
+fused = load("fused")
+markdown_table = load("markdown").markdown_table
 
 
 def init_params(d: int, width: int, device: torch.device, gated: bool) -> Params:
@@ -66,21 +67,12 @@ def sa_gsae_loss(P: Params, x: torch.Tensor, compile_step: bool) -> torch.Tensor
     with torch.no_grad():
         P["threshold_pos"].clamp_(min=0)
         P["threshold_neg"].clamp_(min=0)
-    spec = fused.StepSpec(
-        two_sided=True,
-        tied=True,
-        l0_ste=False,
-        aux=True,
-        frozen=False,
-        centre=True,
-        bandwidth=1e-3,
-        compile=compile_step,
-    )
+    spec = fused.StepSpec(two_sided=True, tied=True, aux=True, centre=True, compile=compile_step)
     _, f, _, mse, sparsity, aux = fused.SAGSAEStep.apply(
         spec, x, 1.0, 1.0, P["b_dec"], P["W_enc"], P["W_dec"], P["W_dec"].norm(dim=1),
         P["b_gate"], P["threshold_pos"], P["threshold_neg"], P["r_mag"], P["b_mag"], None, None,
     )  # fmt: skip
-    (f != 0).any(0)  # the dead-latent clock, as the SAE updates it every step
+    (f != 0).any(0)  # the dead-latent clock, as the trainer updates it every step
     return mse + sparsity + aux
 
 
@@ -104,7 +96,7 @@ def make_step(
     x: torch.Tensor,
     dtype: torch.dtype | None,
 ) -> Callable[[], None]:
-    """Forward under autocast, backward, clip to 1.0, Adam: as ``sign_sae.training.train``."""
+    """Forward under autocast, backward, clip to 1.0, Adam: as ``sign_sae.trainer.train``."""
     opt = torch.optim.Adam(P.values(), lr=1e-4)
 
     def step() -> None:
@@ -240,7 +232,7 @@ def main() -> None:
     best = max(rates, key=rates.get)
     print(f"\nmatmuls ({dtype}), {args.rounds} rounds x {args.steps} calls")
     print(
-        md_table(
+        markdown_table(
             ["matmul", "ms", "TFLOP/s"],
             [[k, f"{median(per[k]) * 1e3:.2f}", f"{rates[k]:.0f}"] for k in mms],
         )
@@ -267,7 +259,7 @@ def main() -> None:
             f"{memory[name]:.2f}", "" if util is None else f"{util:.0%}",
         ])  # fmt: skip
     print(f"\ntraining steps, {args.rounds} interleaved rounds x {args.steps} steps")
-    print(md_table(
+    print(markdown_table(
         ["step", "ms/step", "tokens/s", "speed vs Gated F", "speed vs Gated 2F",
          "peak memory of a step (GiB)", f"utilisation (16 d F / best matmul, {rates[best]:.0f} TFLOP/s)"],
         rows,

@@ -2,7 +2,6 @@
 
 python experiments/synthetic.py --arch sa_gsae --coef 0.3
 python experiments/synthetic.py --arch sa_gsae --coef 2.0 --aux 0
-python experiments/synthetic.py --arch sa_gsae --sparsity l0_ste --bandwidth 0.05 --coef 0.3
 python experiments/synthetic.py --arch gated --coef 1.0 --width 144
 """
 
@@ -15,7 +14,7 @@ from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sign_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 from sign_sae.metrics import LatentStats, ReconstructionStats
 from sign_sae.synthetic import SyntheticData, SyntheticSpec, fraction_recovered, signed_coverage
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 
 def main() -> None:
@@ -24,8 +23,6 @@ def main() -> None:
     p.add_argument("--width", type=int, default=72)
     p.add_argument("--coef", type=float, default=0.3)
     p.add_argument("--aux", type=float, default=1.0)
-    p.add_argument("--sparsity", choices=["gated_l1", "l0_ste"], default="gated_l1")
-    p.add_argument("--bandwidth", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -49,8 +46,6 @@ def main() -> None:
                 sparsity_coefficient=a.coef,
                 sparsity_warm_up_steps=warm,
                 aux_coefficient=a.aux,
-                sparsity=a.sparsity,
-                bandwidth=a.bandwidth,
             )
         )
     cfg = TrainConfig(total_steps=a.steps, batch_size=1024, lr=3e-3, normalize=False, seed=a.seed)

@@ -4,7 +4,7 @@ A fixed small set of SmolLM2-135M layer-15 MLP-out activations (Shakespeare trai
 held-out plays for the metrics), made here from the default model. SA-GSAE with the library's
 defaults at width H = d_model and SAELens's Gated SAE at 2H are trained with one recipe at two
 sparsity coefficients each; their R^2-L0 frontiers are compared over the overlapping L0 range
-with ``sign_sae.frontier.compare``. The margin holds the study's finding at this scale: the
+with ``analyses.frontier.compare``. The margin holds the study's finding at this scale: the
 half-width SA-GSAE strictly dominates the full-width Gated frontier on MLP-out. A change that
 costs the default R^2 at equal L0 (or lets it go dense or dead) fails here; so does going back
 to thresholds at the base learning rate.
@@ -13,16 +13,11 @@ to thresholds at the base learning rate.
 import pytest
 import torch
 
+from analyses.frontier import compare, curves
 from sign_sae.architectures import make_training_sae
-from sign_sae.corpus import load_texts, tokenize
-from sign_sae.frontier import compare, curves
-from sign_sae.harvest import harvest
 from sign_sae.metrics import LatentStats, explained_variance
-from sign_sae.models import hook_name, mid_layer
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
-CONTEXT = 128
-TRAIN_TOKENS, EVAL_TOKENS = 32 * 1024, 4096
 RECIPE = dict(
     total_steps=500, batch_size=512, lr=1e-3, lr_warm_up_steps=15, lr_decay_steps=100, log_every=500
 )
@@ -30,18 +25,6 @@ SA_COEFFICIENTS, GATED_COEFFICIENTS = (2.0, 6.0), (1.5, 5.0)
 # R^2 the SA-GSAE frontier must stay above Gated 2H's everywhere in the overlap. Measured on
 # this data with the default threshold_lr_scale = 10: +0.05; with 1 (the previous default): -0.02.
 MARGIN = 0.02
-
-
-@pytest.fixture(scope="module")
-def activations(model, tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) MLP-out activations at the middle layer, [tokens, d_model]."""
-    hook = hook_name("mlp_out", mid_layer(model))
-    folder = tmp_path_factory.mktemp("acts")
-    out = []
-    for split, n in (("train", TRAIN_TOKENS), ("eval", EVAL_TOKENS)):
-        tokens = tokenize(model, load_texts(split=split), CONTEXT, n)
-        out.append(harvest(model, tokens, [hook], folder / split)[hook].load())
-    return out[0], out[1].float()
 
 
 def held_out_row(sae, label: str, sparsity: float, x: torch.Tensor) -> dict:
@@ -61,8 +44,8 @@ def held_out_row(sae, label: str, sparsity: float, x: torch.Tensor) -> dict:
 
 
 @pytest.fixture(scope="module")
-def frontier_rows(activations) -> list[dict]:
-    train_acts, held = activations
+def frontier_rows(mlp_out_activations) -> list[dict]:
+    train_acts, held = mlp_out_activations
     d = train_acts.shape[1]
     rows = []
     for arch, width, label, coefficients in (

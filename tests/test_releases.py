@@ -4,6 +4,8 @@ folders; SA-GSAEs export exactly as doubled JumpReLU SAEs and come back through 
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,16 +16,21 @@ from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
+from sign_sae.pipeline import RunConfig, SAESpec, evaluate_run, train_saes
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sign_sae
-from analyses import pairs
 from sign_sae import SAGSAE, SAGSAEConfig, releases
-from sign_sae.export import export, export_run, signed_from_doubled, to_doubled_jumprelu
+from sign_sae.export import (
+    export,
+    export_run,
+    signed_from_doubled,
+    to_doubled_jumprelu,
+    to_signed_init,
+)
 from sign_sae.harvest import ActivationCache, harvest
 from sign_sae.metrics import LatentStats
-from sign_sae.pipeline import RunConfig, SAESpec, evaluate_run, train_saes
-from sign_sae.training import TrainConfig
+from sign_sae.trainer import TrainConfig
 
 D_IN, D_SAE = 8, 12
 HOOK = "blocks.0.hook_mlp_out"
@@ -123,7 +130,7 @@ def test_native_and_signed_saes_load_through_from_pretrained_and_analyse(local_r
 def test_pretrained_non_negative_saes_feed_to_signed_init(local_release, register, arch):
     register("test-local", local_release[0])
     sae = SAE.from_pretrained("test-local", arch)
-    init = pairs.to_signed_init(sae, [(0, 1), (2, 3)])
+    init = to_signed_init(sae, [(0, 1), (2, 3)])
     assert init.cfg.d_sae == D_SAE - 2 and init.cfg.metadata.hook_name == HOOK
 
 
@@ -240,10 +247,26 @@ def test_doubled_export_comes_back_exactly_through_to_signed_init(tmp_path, regi
     register("test-doubled", tmp_path / "doubled")
     doubled = SAE.from_pretrained("test-doubled", HOOK)
     assert type(doubled) is JumpReLUSAE
-    back = pairs.to_signed_init(doubled, [(i, D_SAE + i) for i in range(D_SAE)])
+    back = to_signed_init(doubled, [(i, D_SAE + i) for i in range(D_SAE)])
     x = batch(7)
     with torch.no_grad():
         assert torch.allclose(back.decode(back.encode(x)), sae.decode(sae.encode(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(tied=True), dict(tied=True, two_sided=False)], ids=str)
+def test_signed_to_doubled_to_signed_is_the_same_function(variant):
+    sae = signed(9, **variant)
+    doubled = to_doubled_jumprelu(sae)
+    pairs = [(i, D_SAE + i) for i in range(D_SAE)] if sae.cfg.two_sided else []
+    back = to_signed_init(doubled, pairs)
+    assert back.cfg.d_sae == D_SAE
+    x = batch(10)
+    with torch.no_grad():
+        f, f_back = sae.encode(x), back.encode(x)
+        assert (f < 0).any() == sae.cfg.two_sided and (f != 0).any()
+        # the same latents up to each decoder row's norm (to_signed_init makes rows unit-norm)
+        assert torch.allclose(f_back, f * sae.W_dec.norm(dim=1), atol=1e-5)
+        assert torch.allclose(back.decode(f_back), sae.decode(f), atol=1e-5)
 
 
 def test_doubling_refuses_negative_thresholds_and_other_saes():
@@ -262,11 +285,12 @@ def test_unknown_release_and_sae_id_list_close_matches(local_release, register):
     with pytest.raises(
         ValueError, match=r"Unknown SAE release 'test-locl'\. Did you mean 'test-local'"
     ):
-        SAE.from_pretrained("test-locl", "signed")
+        sign_sae.load_pretrained("test-locl", "signed")
     with pytest.raises(ValueError, match=r"Unknown SAE id 'signd'.*Did you mean 'signed'"):
-        SAE.from_pretrained("test-local", "signd")
+        sign_sae.load_pretrained("test-local", "signd")
     with pytest.raises(ValueError, match="Did you mean 'gemma-scope-2b-pt-res'"):
-        SAE.from_pretrained("gemma-scope-2b-pt-re", "layer_3/width_16k/average_l0_14")
+        sign_sae.load_pretrained("gemma-scope-2b-pt-re", "layer_3/width_16k/average_l0_14")
+    assert type(sign_sae.load_pretrained("test-local", "signed")) is sign_sae.SAGSAE
 
 
 def test_unregistered_architecture_is_a_clear_error(local_release, register):
@@ -320,8 +344,27 @@ def test_shipped_list_is_valid_and_install_is_idempotent():
 
     data = yaml.safe_load(files("sign_sae").joinpath("releases.yaml").read_text())
     assert isinstance(data, dict) and set(data) <= set(releases.registered_releases())
-    wrapped = SAE.from_pretrained_with_cfg_and_sparsity
     releases.install()
     sign_sae.register()
-    assert SAE.from_pretrained_with_cfg_and_sparsity.__func__ is wrapped.__func__
-    assert not getattr(wrapped.__func__.__wrapped__, "sign_sae_checked", False)
+    assert list(releases.registered_releases()) == list(
+        dict.fromkeys(releases.registered_releases())
+    )
+
+
+def test_importing_sign_sae_leaves_saelens_loaders_unchanged():
+    """A fresh interpreter: SAELens's own entry points are the same objects before and after
+    ``import sign_sae``; only the registries gain entries."""
+    code = (
+        "from sae_lens import SAE\n"
+        "before = {n: SAE.__dict__[n] for n in ('from_pretrained', "
+        "'from_pretrained_with_cfg_and_sparsity', 'load_from_disk')}\n"
+        "from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS as L\n"
+        "loaders = dict(L)\n"
+        "import sign_sae\n"
+        "assert all(SAE.__dict__[n] is f for n, f in before.items()), 'SAE methods replaced'\n"
+        "assert all(L[k] is v for k, v in loaders.items()), 'a SAELens loader replaced'\n"
+        "assert set(L) - set(loaders) == {'sign_sae'}\n"
+        "print('unchanged')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "unchanged"

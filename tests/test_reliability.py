@@ -15,18 +15,23 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import sign_sae
-from sign_sae import SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig, load_sae
-from sign_sae.activation import bi_jump_relu
+from sign_sae import (
+    SAGSAEConfig,
+    SAGSAETrainingSAE,
+    SAGSAETrainingSAEConfig,
+    bi_jump_relu,
+    load_sae,
+)
 from sign_sae.metrics import LatentStats, balance, explained_variance, l0
 from sign_sae.storage import read_weights
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 TRAIN_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file
 from sign_sae.architectures import make_training_sae
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 torch.set_num_threads(1)
 data = load_file(sys.argv[1])["x"]
 torch.manual_seed(0)
