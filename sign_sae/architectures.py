@@ -6,10 +6,12 @@ single ``sparsity`` number onto it (an L1 / L0 coefficient, or k for the TopK fa
 
 from typing import Any
 
-from sae_lens import TrainingSAE
+from sae_lens import TrainingSAE, TrainingSAEConfig
 from sae_lens.registry import get_sae_training_class
 
 import sign_sae  # noqa: F401  (registers "sa_gsae")
+from sign_sae.errors import SignSAEError
+from sign_sae.storage import check_cfg_fields
 
 # architecture -> (config field set by `sparsity`, its warm-up field or None)
 ARCHITECTURES: dict[str, tuple[str, str | None]] = {
@@ -19,6 +21,36 @@ ARCHITECTURES: dict[str, tuple[str, str | None]] = {
     "topk": ("k", None),
     "abstopk": ("k", None),
 }
+
+
+def training_config(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    sparsity: float,
+    /,
+    warm_up_steps: int = 0,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
+) -> TrainingSAEConfig:
+    """The config of a fresh TrainingSAE of ``arch`` (see ``ARCHITECTURES``) with its sparsity
+    set; unknown or wrongly typed ``options`` are named with the architecture's fields.
+
+    The first four arguments are positional-only, so ``options`` may hold config fields of the
+    same names (SA-GSAE's ``sparsity`` mode, for one)."""
+    if arch not in ARCHITECTURES:
+        raise SignSAEError(f"Unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    knob, warm = ARCHITECTURES[arch]
+    cfg_cls = get_sae_training_class(arch)[1]
+    value = int(sparsity) if knob == "k" else float(sparsity)
+    kwargs = {"d_in": d_in, "d_sae": d_sae, knob: value, **options}
+    if warm is not None:
+        kwargs[warm] = warm_up_steps
+    check_cfg_fields(kwargs, cfg_cls)
+    cfg = cfg_cls(**kwargs)
+    for key, val in (metadata or {}).items():
+        cfg.metadata[key] = val
+    return cfg
 
 
 def make_training_sae(
@@ -31,22 +63,9 @@ def make_training_sae(
     metadata: dict[str, Any] | None = None,
     **options: Any,
 ) -> TrainingSAE:
-    """Build a fresh TrainingSAE of ``arch`` (see ``ARCHITECTURES``) with its sparsity set.
-
-    The first four arguments are positional-only, so ``options`` may hold config fields of the
-    same names (SA-GSAE's ``sparsity`` mode, for one)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
-    knob, warm = ARCHITECTURES[arch]
-    cls, cfg_cls = get_sae_training_class(arch)
-    value = int(sparsity) if knob == "k" else float(sparsity)
-    kwargs = {"d_in": d_in, "d_sae": d_sae, knob: value, **options}
-    if warm is not None:
-        kwargs[warm] = warm_up_steps
-    cfg = cfg_cls(**kwargs)
-    for key, val in (metadata or {}).items():
-        cfg.metadata[key] = val
-    return cls(cfg)
+    """A fresh TrainingSAE of ``arch`` built from ``training_config`` (same arguments)."""
+    cfg = training_config(arch, d_in, d_sae, sparsity, warm_up_steps, metadata, **options)
+    return get_sae_training_class(arch)[0](cfg)
 
 
 def parameter_count(sae: Any) -> int:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from sign_sae.errors import SignSAEError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
@@ -45,14 +47,14 @@ def load_texts(
     `max_docs` caps the number of documents (default: all plays, `HF_DEFAULT_DOCS` from the hub).
     """
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; use 'train' or 'eval'.")
+        raise SignSAEError(f"Unknown split {split!r}; use 'train' or 'eval'.")
     if source == "shakespeare":
         texts = _shakespeare(split)
         return texts if max_docs is None else texts[:max_docs]
     if source.startswith("hf:"):
         dataset, config = _parse_hf_source(source)
         return _hf_texts(dataset, config, split, HF_DEFAULT_DOCS if max_docs is None else max_docs)
-    raise ValueError(
+    raise SignSAEError(
         f"Unknown text source {source!r}; use 'shakespeare' (offline) or 'hf:<dataset>[:<config>]' "
         "for a Hugging Face dataset with a 'text' column."
     )
@@ -73,20 +75,22 @@ def tokenize(
     """
     tokenizer = model.tokenizer
     if context_size > model.cfg.n_ctx:
-        raise ValueError(
+        raise SignSAEError(
             f"context_size {context_size} exceeds the model's context of {model.cfg.n_ctx} tokens."
         )
     if context_size < (2 if prepend_bos else 1):
-        raise ValueError(f"context_size must leave room for text tokens, got {context_size}.")
+        raise SignSAEError(f"context_size must leave room for text tokens, got {context_size}.")
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
-        raise ValueError("The tokenizer has no BOS token; call tokenize(..., prepend_bos=False).")
+        raise SignSAEError("The tokenizer has no BOS token; call tokenize(..., prepend_bos=False).")
     if not any(t.strip() for t in texts):
-        raise ValueError("No text to tokenize: the list of documents is empty or blank.")
+        raise SignSAEError("No text to tokenize: the list of documents is empty or blank.")
 
     max_rows = None if max_tokens is None else max_tokens // context_size
     if max_rows == 0:
-        raise ValueError(f"max_tokens={max_tokens} is less than one row of {context_size} tokens.")
+        raise SignSAEError(
+            f"max_tokens={max_tokens} is less than one row of {context_size} tokens."
+        )
     per_row = context_size - 1 if prepend_bos else context_size
     needed = None if max_rows is None else max_rows * per_row
     eos = tokenizer.eos_token_id
@@ -102,7 +106,7 @@ def tokenize(
 
     n_rows = len(stream) // per_row if max_rows is None else min(max_rows, len(stream) // per_row)
     if n_rows == 0:
-        raise ValueError(
+        raise SignSAEError(
             f"The text gives {len(stream)} tokens, too few for one row of {per_row} text tokens; "
             "pass more text or a smaller context_size."
         )
@@ -149,7 +153,7 @@ def _parse_hf_source(source: str) -> tuple[str, str | None]:
     """Split "hf:<dataset>[:<config>]" into dataset and config."""
     parts = source[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
-        raise ValueError(
+        raise SignSAEError(
             f"Bad Hugging Face source {source!r}; write 'hf:<dataset>' or 'hf:<dataset>:<config>', "
             "e.g. 'hf:NeelNanda/pile-10k'."
         )

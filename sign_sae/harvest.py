@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sign_sae.errors import SignSAEError
 from sign_sae.models import validate_hook
 from sign_sae.storage import atomic_write_text
 
@@ -49,7 +50,7 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _REBUILD = "run harvest() again to rebuild it, or delete the folder"
 
 
-class InvalidCacheError(ValueError):
+class InvalidCacheError(SignSAEError):
     """A folder that is not a complete, readable activation cache."""
 
 
@@ -117,9 +118,9 @@ class ActivationCache:
         The whole cache is held in memory in its storage dtype and shuffled globally.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+            raise SignSAEError(f"batch_size must be positive, got {batch_size}.")
         if drop_last and batch_size > self.n_tokens:
-            raise ValueError(
+            raise SignSAEError(
                 f"batch_size {batch_size} exceeds the {self.n_tokens} cached tokens, so "
                 "drop_last=True would yield nothing; use a smaller batch or drop_last=False."
             )
@@ -140,7 +141,7 @@ class ActivationCache:
             raise InvalidCacheError(f"Shard {path} is unreadable ({e}); {_REBUILD}.") from e
         bad = acts.numel() - int(torch.isfinite(acts).sum())
         if bad:
-            raise ValueError(
+            raise SignSAEError(
                 f"{bad} non-finite values (NaN/Inf) in {path}. Delete {self.path} and harvest "
                 "again; if they come back the model itself overflows: store float32 or bfloat16 "
                 "(float16 saturates above 65504) or exclude the BOS position."
@@ -154,7 +155,7 @@ class ActivationCache:
             shards, d_in, n_tokens = meta["shards"], meta["d_in"], meta["n_tokens"]
             dtype_name = meta["dtype"]
             if meta["n_shards"] != len(shards) or dtype_name not in DTYPES:
-                raise ValueError("inconsistent n_shards or dtype")
+                raise SignSAEError("inconsistent n_shards or dtype")
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidCacheError(
                 f"{self.path}/{METADATA_FILE} is malformed ({e}); {_REBUILD}."
@@ -204,20 +205,20 @@ def harvest(
     """
     hooks = list(hooks)
     if not hooks or len(set(hooks)) != len(hooks):
-        raise ValueError(f"hooks must be a non-empty list without repeats, got {hooks}.")
+        raise SignSAEError(f"hooks must be a non-empty list without repeats, got {hooks}.")
     for hook in hooks:
         validate_hook(model, hook)
     if tokens.ndim != 2 or tokens.dtype != torch.long:
-        raise ValueError(
+        raise SignSAEError(
             f"tokens must be an int64 tensor [n_seq, context_size], got {tuple(tokens.shape)} "
             f"{tokens.dtype}; make one with sign_sae.corpus.tokenize()."
         )
     if exclude_bos and tokens.shape[1] < 2:
-        raise ValueError("exclude_bos=True needs context_size >= 2.")
+        raise SignSAEError("exclude_bos=True needs context_size >= 2.")
     if dtype not in DTYPES.values():
-        raise ValueError(f"Unsupported storage dtype {dtype}; use one of {sorted(DTYPES)}.")
+        raise SignSAEError(f"Unsupported storage dtype {dtype}; use one of {sorted(DTYPES)}.")
     if batch_size < 1 or shard_tokens < 1:
-        raise ValueError("batch_size and shard_tokens must be positive.")
+        raise SignSAEError("batch_size and shard_tokens must be positive.")
 
     request = {
         "model_name": model_name or model.cfg.model_name,
@@ -293,7 +294,7 @@ def _run(
                 for hook in hooks:
                     acts = cache[hook]
                     if acts.shape[:2] != batch.shape:
-                        raise ValueError(
+                        raise SignSAEError(
                             f"Hook {hook} gives activations of shape {tuple(acts.shape)}, not "
                             "(batch, position, ...); harvest only supports per-token hooks."
                         )
@@ -334,7 +335,7 @@ class _ShardWriter:
     def add(self, rows: torch.Tensor) -> None:
         bad = rows.numel() - int(torch.isfinite(rows).sum())
         if bad:
-            raise ValueError(
+            raise SignSAEError(
                 f"{bad} non-finite activations at {self.folder.name} in {self.dtype}; float16 "
                 "saturates above 65504: store float32 or bfloat16, or exclude the BOS position."
             )

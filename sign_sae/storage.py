@@ -19,6 +19,8 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sign_sae.errors import SignSAEError
+
 # Keys SAELens writes into cfg.json, or its disk loader adds, beside the dataclass fields.
 _EXTRA_CFG_KEYS = {"architecture", "metadata", "finetuning_scaling_factor"}
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -72,7 +74,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; refuse pickles and explain corrupt files."""
     path = Path(path)
     if path.suffix in _PICKLE_SUFFIXES:
-        raise ValueError(
+        raise SignSAEError(
             f"{path} is a pickle-based checkpoint; sign-sae only loads safetensors "
             "(pickles can run code). Convert it with safetensors.torch.save_file in a trusted "
             "environment."
@@ -82,7 +84,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
+        raise SignSAEError(
             f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt. "
             "Re-export or re-download it."
         ) from e
@@ -106,9 +108,9 @@ def read_cfg(folder: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt.") from e
+        raise SignSAEError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt.") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
+        raise SignSAEError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
     return cfg
 
 
@@ -117,7 +119,7 @@ def check_cfg_fields(cfg: Mapping[str, Any], cfg_cls: type) -> None:
     known = {f.name: f for f in fields(cfg_cls)}
     unknown = sorted(set(cfg) - set(known) - _EXTRA_CFG_KEYS)
     if unknown:
-        raise ValueError(
+        raise SignSAEError(
             f"Unknown config field(s) {unknown} for {cfg_cls.__name__}; known fields are "
             f"{sorted(known)}. Remove them or check the file is for this architecture."
         )
@@ -127,11 +129,11 @@ def check_cfg_fields(cfg: Mapping[str, Any], cfg_cls: type) -> None:
         if f.default is MISSING and f.default_factory is MISSING and n not in cfg
     ]
     if missing:
-        raise ValueError(f"Config for {cfg_cls.__name__} is missing required field(s) {missing}.")
+        raise SignSAEError(f"Config for {cfg_cls.__name__} is missing required field(s) {missing}.")
     for name, value in cfg.items():
         expected = _simple_type(known[name].type) if name in known else None
         if expected is not None and not _is_instance(value, expected):
-            raise TypeError(
+            raise SignSAEError(
                 f"Config field {name!r} should be {expected.__name__}, got {value!r} "
                 f"({type(value).__name__})."
             )
@@ -164,7 +166,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
     cfg = read_cfg(folder)
     arch = cfg.get("architecture")
     if arch not in SAE_CLASS_REGISTRY:
-        raise ValueError(
+        raise SignSAEError(
             f"{folder}/{SAE_CFG_FILENAME} names architecture {arch!r}, which is not registered "
             f"with SAELens (known: {sorted(SAE_CLASS_REGISTRY)}). Import the package that "
             "defines it first (e.g. `import sign_sae`)."
@@ -175,7 +177,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
     try:
         return SAE.load_from_disk(folder, device=device, dtype=dtype)
     except RuntimeError as e:
-        raise ValueError(
+        raise SignSAEError(
             f"The weights in {folder} do not fit its {arch!r} config ({len(weights)} tensors: "
             f"{sorted(weights)[:8]}...): {e}"
         ) from e

@@ -38,6 +38,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from tqdm.auto import tqdm
 
 from sign_sae import distributed
+from sign_sae.errors import SignSAEError
 from sign_sae.storage import atomic_write_text, read_weights, write_folder
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size", "lr"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+                raise SignSAEError(f"{name} must be positive, got {getattr(self, name)}.")
         bad = {k: v for k, v in self.lr_scales.items() if not v > 0}
         if bad:
-            raise ValueError(f"lr_scales must be positive, got {bad}.")
+            raise SignSAEError(f"lr_scales must be positive, got {bad}.")
 
 
 @runtime_checkable
@@ -115,11 +116,11 @@ class TensorBatches:
         self, data: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
     ):
         if data.ndim != 2 or data.shape[0] < batch_size:
-            raise ValueError(
+            raise SignSAEError(
                 f"Need a [n, d] tensor with n >= batch_size={batch_size}, got {tuple(data.shape)}."
             )
         if not 0 <= rank < world <= batch_size:
-            raise ValueError(f"Need 0 <= rank < world <= batch_size, got {rank}, {world}.")
+            raise SignSAEError(f"Need 0 <= rank < world <= batch_size, got {rank}, {world}.")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.rank, self.world = rank, world
         self.per_epoch = data.shape[0] // batch_size
@@ -191,7 +192,7 @@ def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
         log.warning("step %d: skipped %d row(s) with NaN/Inf", step, int((~finite).sum()))
         return x[finite]
     bad = int((~torch.isfinite(x)).sum())
-    raise ValueError(
+    raise SignSAEError(
         f"Step {step}: the batch holds {bad} NaN/Inf activation(s). Rebuild the activation "
         "cache, or set skip_nonfinite to drop such rows."
     )
@@ -204,7 +205,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
         return None
     folder = ckpt_root / pointer.read_text().strip()
     if not (folder / "trainer.json").is_file():
-        raise ValueError(
+        raise SignSAEError(
             f"{pointer} names {folder.name}, which is missing or incomplete; delete "
             f"{ckpt_root} to restart the run from scratch."
         )
@@ -425,7 +426,7 @@ def _param_groups(
     unused = sorted(set(patterns) - used)
     if unused:
         names = [n for n, _ in sae.named_parameters()]
-        raise ValueError(f"lr_scales patterns {unused} match no parameter; parameters: {names}.")
+        raise SignSAEError(f"lr_scales patterns {unused} match no parameter; parameters: {names}.")
     return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
@@ -448,7 +449,7 @@ def _local_share(data: BatchSource, world: int) -> BatchSource:
 def _start_together(sae: TrainingSAE, start: int) -> None:
     """Check every rank starts at the same step, then give all of them rank 0's weights."""
     if not distributed.same_on_all_ranks(start):
-        raise ValueError(
+        raise SignSAEError(
             "Ranks found different checkpoints to resume from; the run folder must be on a "
             "file system that every node shares."
         )

@@ -11,6 +11,7 @@ from sae_lens.saes.sae import TrainStepInput
 
 import sign_sae
 from sign_sae import SAGSAE, SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig, bi_jump_relu
+from sign_sae.errors import SignSAEError
 
 D_IN, D_SAE = 16, 48
 VARIANTS = [
@@ -311,7 +312,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     with pytest.raises(ValueError, match="Unknown config field"):
         SAGSAEConfig.from_dict({**cfg, "thershold": 1.0})
-    with pytest.raises(TypeError, match="'d_sae' should be int"):
+    with pytest.raises(SignSAEError, match="'d_sae' should be int"):
         SAGSAEConfig.from_dict({**cfg, "d_sae": "48"})
 
 
