@@ -179,6 +179,20 @@ def check_input(x: torch.Tensor, d_in: int, hook_name: str | None) -> None:
         )
 
 
+class CheckedInput:
+    """Both SAEs: clear errors for activations of the wrong width or with NaN/Inf entries
+    before anything is computed from them."""
+
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_input(self.reshape_fn_in(sae_in), self.cfg.d_in, self.cfg.metadata.hook_name)
+        return super().process_sae_in(sae_in)  # type: ignore[misc]
+
+
+def latent_vector(sae: SAE, value: float) -> nn.Parameter:
+    """A per-latent parameter of ``sae`` filled with ``value``, on its device and dtype."""
+    return nn.Parameter(torch.full((sae.cfg.d_sae,), value, dtype=sae.dtype, device=sae.device))
+
+
 def save_sae_folder(
     path: str | Path, state_dict: dict[str, torch.Tensor], cfg: dict[str, Any]
 ) -> tuple[Path, Path]:
@@ -189,7 +203,7 @@ def save_sae_folder(
 
 
 # ---- inference -----------------------------------------------------------------------------
-class SAGSAE(SAE[SAGSAEConfig]):
+class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
     """Sign-aware gated SAE at inference: signed latents, exactly zero when inactive."""
 
     b_enc: nn.Parameter
@@ -202,19 +216,12 @@ class SAGSAE(SAE[SAGSAEConfig]):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         cfg = self.cfg
-        vec = lambda v: nn.Parameter(  # noqa: E731
-            torch.full((cfg.d_sae,), v, dtype=self.dtype, device=self.device)
-        )
+        vec = lambda v: latent_vector(self, v)  # noqa: E731
         self.b_enc, self.threshold_pos = vec(0.0), vec(0.0)
         if cfg.two_sided:
             self.threshold_neg = vec(0.0)
             if not cfg.tied:
                 self.scale_neg, self.b_enc_neg = vec(1.0), vec(0.0)
-
-    @override
-    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
-        check_input(self.reshape_fn_in(sae_in), self.cfg.d_in, self.cfg.metadata.hook_name)
-        return super().process_sae_in(sae_in)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +267,7 @@ class SAGSAE(SAE[SAGSAEConfig]):
 
 
 # ---- training ------------------------------------------------------------------------------
-class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
+class SAGSAETrainingSAE(CheckedInput, TrainingSAE[SAGSAETrainingSAEConfig]):
     """Trainable SA-GSAE; ``save_inference_model`` folds it into ``SAGSAE``.
 
     Speed switches (attributes, not config: they never change a result beyond rounding):
@@ -284,9 +291,7 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         cfg = self.cfg
-        vec = lambda v: nn.Parameter(  # noqa: E731
-            torch.full((cfg.d_sae,), v, dtype=self.dtype, device=self.device)
-        )
+        vec = lambda v: latent_vector(self, v)  # noqa: E731
         self.b_gate, self.r_mag, self.b_mag = vec(0.0), vec(0.0), vec(0.0)
         for name in self.threshold_names():
             setattr(self, name, vec(cfg.threshold_init))
@@ -303,11 +308,6 @@ class SAGSAETrainingSAE(TrainingSAE[SAGSAETrainingSAEConfig]):
         return THRESHOLDS if self.cfg.two_sided else THRESHOLDS[:1]
 
     # ---- forward ---------------------------------------------------------------------------
-    @override
-    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
-        check_input(sae_in, self.cfg.d_in, self.cfg.metadata.hook_name)
-        return super().process_sae_in(sae_in)
-
     def _features(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(signed features f, positive magnitude pre-activation m+) from p = x' W_enc."""
         pi = p + self.b_gate
