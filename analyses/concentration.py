@@ -14,6 +14,7 @@ import torch
 
 from analyses.polarity import PolarityCensus
 from analyses.results import Result
+from sign_sae.metrics import BIPOLAR_BALANCE
 
 DEFAULT_K = (1, 5, 10, 50)
 
@@ -81,7 +82,9 @@ def gini(values: torch.Tensor) -> float:
 
 
 def compare(
-    censuses: dict[str, PolarityCensus], k: Sequence[int] = DEFAULT_K, threshold: float = 0.1
+    censuses: dict[str, PolarityCensus],
+    k: Sequence[int] = DEFAULT_K,
+    threshold: float = BIPOLAR_BALANCE,
 ) -> pd.DataFrame:
     """One row per census (e.g. per hookpoint): L0, dead fraction, bipolar fraction and its
     sign-flip-null value at ``threshold``, minority fraction, Gini and top-k shares."""

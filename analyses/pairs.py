@@ -5,28 +5,23 @@ Candidates: cos(d_i, d_j) <= cos_threshold, found block by block (never an F x F
 With activations: co-firing rate P(f_i != 0 and f_j != 0) / min(P(f_i != 0), P(f_j != 0))
 <= max_cofire, and Pearson correlation of (f_i, f_j) over all tokens. Pairs are disjoint:
 candidates are taken most-opposite first, each latent at most once.
-``to_signed_init`` merges each pair into one signed SA-GSAE latent.
+``sign_sae.export.to_signed_init(sae, found.as_tuples())`` merges each pair into one signed SA-GSAE
+latent.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
-from sae_lens.saes.sae import SAEMetadata
 
 from analyses.results import Result
 from analyses.stream import hook_activations, latent_batches, sae_hook
-from sign_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 
 MAX_CANDIDATES = 1_000_000
-# theta- of latents kept one-sided in to_signed_init: the negative gate never opens.
-CLOSED_THRESHOLD = 1e9
 _CELLS_PER_CHUNK = 1 << 24  # bounds [tokens, candidates] temporaries
 _ROWS_PER_CHUNK = 512  # bounds the float64 [tokens, d_sae] copies
-# Encoders to_signed_init can read, as "gate p + b_gate > theta, magnitude exp(r) p + b_mag".
-_NON_NEGATIVE = ("standard", "jumprelu", "topk", "gated")
 
 
 @dataclass(eq=False)
@@ -209,114 +204,3 @@ def matching_pair(signed_sae: Any, latent: int, sae: Any) -> tuple[int, int]:
     neg = -cos
     neg[a] = float("-inf")
     return a, int(neg.argmax())
-
-
-def to_signed_init(
-    sae: Any,
-    pairs: AntipodalPairs | Sequence[tuple[int, int]],
-    tied: bool = False,
-    threshold_init: float = 1e-3,
-) -> SAGSAETrainingSAE:
-    """An SA-GSAE initialisation that merges each pair (i, j) into one signed latent and keeps
-    every other latent, so that training from it measures what the merge gains.
-
-    Latent order: the merged pairs first (in the given order; +side = i, -side = j), then the
-    unpaired latents in ascending original order. Every source latent l is read as
-    "gate p + b_gate > theta, magnitude exp(r) p + b_mag" with p = (x - b_dec) W_enc[:, l]
-    (standard / TopK: b_gate = b_mag = b_enc, theta = 0, r = 0; JumpReLU: theta = threshold;
-    Gated: its own b_gate, r_mag, b_mag, theta = 0) and its decoder norm c_l folded in (W_enc,
-    b_gate, theta, b_mag times c_l; decoder row unit-norm). Then, with m = (b_gate_i + b_gate_j)/2:
-
-    - merged: W_dec = (d_i - d_j) / ||d_i - d_j|| (unit rows), W_enc = (w_i - w_j) / 2,
-      b_gate = (b_gate_i - b_gate_j) / 2, theta+ = max(0, theta_i - m),
-      theta- = max(0, theta_j - m); untied: r+ = r_i, b_mag+ = b_mag_i, r- = r_j,
-      b_mag- = -b_mag_j; tied: r = (r_i + r_j) / 2, b_mag = (b_mag_i - b_mag_j) / 2.
-    - unpaired: the source latent as is, with theta- = CLOSED_THRESHOLD (it stays one-sided;
-      a dead-latent reset during training reopens it).
-    - b_dec, apply_b_dec_to_input, normalize_activations and the hook name are copied.
-
-    Untied, the merged latent reproduces both source latents exactly when w_j = -w_i,
-    d_j ~ -d_i and theta_i + theta_j >= b_gate_i + b_gate_j (the two gates never overlap);
-    otherwise it is their symmetric average. TopK's global top-k selection is not carried over.
-    The result takes raw activations: a trainer that rescales inputs must rescale it too.
-    """
-    arch = sae.cfg.architecture()
-    if arch not in _NON_NEGATIVE:
-        raise ValueError(f"to_signed_init reads {_NON_NEGATIVE} SAEs, got architecture {arch!r}.")
-    pair_list = (
-        pairs.as_tuples() if isinstance(pairs, AntipodalPairs) else [tuple(p) for p in pairs]
-    )
-    flat = [x for p in pair_list for x in p]
-    if len(set(flat)) != len(flat) or any(not 0 <= x < sae.cfg.d_sae for x in flat):
-        raise ValueError("Pairs must use distinct latent indices within [0, d_sae).")
-    src = _gate_form(sae)
-    P = torch.tensor([p[0] for p in pair_list], dtype=torch.long)
-    N = torch.tensor([p[1] for p in pair_list], dtype=torch.long)
-    paired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    paired[flat] = True
-    U = (~paired).nonzero().squeeze(1)
-
-    mid = (src["b_gate"][P] + src["b_gate"][N]) / 2
-    d_merged = src["W_dec"][P] - src["W_dec"][N]
-    new = {
-        "W_enc": torch.cat([(src["W_enc"][:, P] - src["W_enc"][:, N]) / 2, src["W_enc"][:, U]], 1),
-        "W_dec": torch.cat([d_merged / d_merged.norm(dim=1, keepdim=True), src["W_dec"][U]]),
-        "b_gate": torch.cat([(src["b_gate"][P] - src["b_gate"][N]) / 2, src["b_gate"][U]]),
-        "threshold_pos": torch.cat([(src["theta"][P] - mid).clamp(min=0), src["theta"][U]]),
-        "threshold_neg": torch.cat(
-            [
-                (src["theta"][N] - mid).clamp(min=0),
-                torch.full_like(src["theta"][U], CLOSED_THRESHOLD),
-            ]
-        ),
-        "b_dec": src["b_dec"],
-    }
-    if tied:
-        new["r_mag"] = torch.cat([(src["r"][P] + src["r"][N]) / 2, src["r"][U]])
-        new["b_mag"] = torch.cat([(src["b_mag"][P] - src["b_mag"][N]) / 2, src["b_mag"][U]])
-    else:
-        new["r_mag"] = torch.cat([src["r"][P], src["r"][U]])
-        new["b_mag"] = torch.cat([src["b_mag"][P], src["b_mag"][U]])
-        new["r_mag_neg"] = torch.cat([src["r"][N], src["r"][U]])
-        new["b_mag_neg"] = torch.cat([-src["b_mag"][N], src["b_mag"][U]])
-
-    meta = sae.cfg.metadata
-    cfg = SAGSAETrainingSAEConfig(
-        d_in=sae.cfg.d_in,
-        d_sae=sae.cfg.d_sae - len(pair_list),
-        dtype=sae.cfg.dtype,
-        device=sae.cfg.device,
-        apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
-        normalize_activations=sae.cfg.normalize_activations,
-        tied=tied,
-        threshold_init=threshold_init,
-        metadata=SAEMetadata(hook_name=meta.hook_name, model_name=meta.model_name),
-    )
-    signed = SAGSAETrainingSAE(cfg)
-    with torch.no_grad():
-        for name, value in new.items():
-            getattr(signed, name).copy_(value)
-    return signed
-
-
-def _gate_form(sae: Any) -> dict[str, torch.Tensor]:
-    """The source SAE's per-latent (W_enc, b_gate, theta, r, b_mag) with decoder norms folded."""
-    W_dec = sae.W_dec.detach()
-    c = W_dec.norm(dim=1).clamp(min=1e-12)
-    zeros = torch.zeros_like(c)
-    if sae.cfg.architecture() == "gated":
-        b_gate, r, b_mag, theta = sae.b_gate.detach(), sae.r_mag.detach(), sae.b_mag.detach(), zeros
-    else:
-        b_gate = b_mag = sae.b_enc.detach()
-        r = zeros
-        threshold = getattr(sae, "threshold", None)
-        theta = threshold.detach() if isinstance(threshold, torch.Tensor) else zeros
-    return {
-        "W_enc": sae.W_enc.detach() * c,
-        "W_dec": W_dec / c[:, None],
-        "b_gate": b_gate * c,
-        "theta": theta * c,
-        "r": r,
-        "b_mag": b_mag * c,
-        "b_dec": sae.b_dec.detach(),
-    }

@@ -17,7 +17,7 @@ import torch
 
 from analyses.results import Result
 from analyses.stream import hook_activations, latent_batches, sae_hook
-from sign_sae.metrics import LatentStats, balance
+from sign_sae.metrics import BIPOLAR_BALANCE, LatentStats, balance
 
 MAX_TOP_EXAMPLES = 100
 _ROWS_PER_UPDATE = 512  # bounds the float64 temporaries of LatentStats.update
@@ -91,7 +91,7 @@ class PolarityCensus(Result):
         """min(mass+, mass-): the |activation| mass of each latent's rarer-in-mass sign."""
         return torch.minimum(self.mass_pos, self.mass_neg)
 
-    def bipolar_fraction(self, threshold: float = 0.1, among: Among = "alive") -> float:
+    def bipolar_fraction(self, threshold: float = BIPOLAR_BALANCE, among: Among = "alive") -> float:
         """Share of latents with balance >= threshold, among alive latents (NaN if none) or all."""
         return _share(self.balance >= threshold, self._among(among))
 

@@ -1,6 +1,6 @@
 """The sweep with its polarity columns, and SVG plots of its frontiers.
 
-``sign_sae.sweep`` trains and evaluates the grid; this module adds what needs the analyses:
+``sign_sae.runs`` trains and evaluates the grid; this module adds what needs the analyses:
 per run, the polarity census over the held-out activations (``polarity_columns``), and per cell,
 standalone SVG files of R^2 and dead fraction against L0 drawn with ``analyses.report.plots``.
 """
@@ -13,13 +13,12 @@ from typing import Any
 import torch
 
 from analyses.concentration import top_latents
+from analyses.frontier import CellReport, Curve
 from analyses.polarity import census_from_activations
 from analyses.report import plots
-from sign_sae.frontier import CellReport, Curve
+from sign_sae.runs import Row, Source, SweepConfig, run_sweep
 from sign_sae.storage import atomic_write_text
-from sign_sae.sweep import Row, SweepConfig, run_sweep
 
-BIPOLAR_THRESHOLD = 0.1
 _ROWS = 4096
 _STYLE = (
     "text{font:11px sans-serif;fill:#333}.t{font-size:13px;font-weight:600;text-anchor:middle}"
@@ -33,27 +32,28 @@ _XPAD = 1.25  # log-axis margin, so that end points do not sit on the frame
 
 def polarity_columns(sae: Any, acts: torch.Tensor) -> dict[str, float]:
     """Census columns of one SAE on held-out activations ``[tokens, d_in]``: bipolar fraction of
-    alive latents at balance >= 0.1, the same under the sign-flip null (seed 0), the top-1 and
-    top-10 shares of minority-sign mass and the minority fraction of all mass. For a
-    non-negative SAE the bipolar fraction is 0 and the shares are NaN (no minority mass)."""
+    alive latents at balance >= ``sign_sae.metrics.BIPOLAR_BALANCE``, the same under the
+    sign-flip null (seed 0), the top-1 and top-10 shares of minority-sign mass and the minority
+    fraction of all mass. For a non-negative SAE the bipolar fraction is 0 and the shares are NaN
+    (no minority mass)."""
     census = census_from_activations(sae, acts.split(_ROWS))
     conc = top_latents(census, (1, 10))
     return {
-        "census_bipolar_fraction": census.bipolar_fraction(BIPOLAR_THRESHOLD),
-        "null_bipolar_fraction": census.sign_flip_null().bipolar_fraction(BIPOLAR_THRESHOLD),
+        "census_bipolar_fraction": census.bipolar_fraction(),
+        "null_bipolar_fraction": census.sign_flip_null().bipolar_fraction(),
         "top1_share": conc.share[0],
         "top10_share": conc.share[1],
         "minority_fraction": conc.minority_fraction,
     }
 
 
-def run(cfg: SweepConfig, progress: bool = True) -> list[Row]:
-    """``sign_sae.sweep.run_sweep`` with the polarity columns."""
-    return run_sweep(cfg, columns=polarity_columns, progress=progress)
+def run(cfg: SweepConfig, source: Source | None = None, progress: bool = True) -> list[Row]:
+    """``sign_sae.runs.run_sweep`` with the polarity columns."""
+    return run_sweep(cfg, columns=polarity_columns, source=source, progress=progress)
 
 
 def write_plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Two SVG files per cell of ``sign_sae.frontier.analyse``'s result: R^2 vs L0 (frontier
+    """Two SVG files per cell of ``analyses.frontier.analyse``'s result: R^2 vs L0 (frontier
     points with the seed range as a bar) and dead fraction vs L0. Returns their paths."""
     out = Path(out_dir)
     paths = []

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks (torch only): machine line, interleaved timing, tables.
+"""Shared pieces of the benchmarks (torch only): machine line, interleaved timing, ratios.
 
 Timings are interleaved: every round runs each candidate once (in a rotating order), so a load
 change on a shared machine hits all candidates alike. Tables report the median time per
@@ -75,13 +75,6 @@ def median(xs: list[float]) -> float:
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median over rounds of num[i] / den[i] (rounds ran back to back, so load is shared)."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def matmuls(

@@ -1,6 +1,6 @@
 """The training steps the CPU benchmarks time: SA-GSAE (fused or reference ops, eager or
 compiled, fp32 or bf16 autocast) and SAELens's ``GatedTrainingSAE``, each a full optimisation
-step as in ``sign_sae.training.train``."""
+step as in ``sign_sae.trainer.train``."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ def step_input(case: StepCase, x: torch.Tensor) -> TrainStepInput:
 
 
 def make_step(case: StepCase, x: torch.Tensor) -> Callable[[], None]:
-    """One full optimisation step as in ``sign_sae.training.train``: forward, backward,
+    """One full optimisation step as in ``sign_sae.trainer.train``: forward, backward,
     gradient clipping, Adam (fp32 master weights; autocast only around the forward)."""
     sae = make_sae(case, x.shape[1], x.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)

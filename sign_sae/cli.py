@@ -1,51 +1,59 @@
-"""``sign-sae``: the pipeline as commands, thin over the Python API in ``sign_sae.pipeline``."""
+"""``sign-sae``: the run system as commands, thin over the Python API in ``sign_sae.runs``.
+
+``train``, ``eval``, ``sweep`` and ``demo`` all read one sweep file (or a run folder, or a
+profile name): ``train`` trains its runs, ``eval`` evaluates the trained ones, ``sweep`` does
+both with the polarity columns, ``demo`` is ``sweep demo`` followed by the HTML report.
+"""
 
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-from sign_sae import distributed, pipeline
+from sign_sae import distributed, runs
+from sign_sae.errors import SignSAEError
 
 log = logging.getLogger("sign_sae")
 
 
-def _config(arg: str) -> pipeline.RunConfig:
-    """A config file, or a run folder holding config.json."""
-    path = Path(arg)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"No run config at {path}; pass a YAML/JSON file or a run folder.")
-    return pipeline.RunConfig.load(path)
+def _load(args: argparse.Namespace) -> runs.SweepConfig:
+    cfg = runs.load_sweep(args.config)
+    if getattr(args, "out", None):
+        cfg.out_dir = args.out
+    return cfg
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() and distributed.is_main()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = _config(args.config)
-    with distributed.session():  # data-parallel under torchrun; one process otherwise
+    cfg = _load(args)
+    with distributed.session():  # each run data-parallel under torchrun; one process otherwise
         if not distributed.is_main():
             log.setLevel(logging.WARNING)  # rank 0 reports progress
-        with distributed.main_first():  # rank 0 fills the activation cache, the others reuse it
-            model, hook, acts, _ = pipeline.prepare(cfg)
-        pipeline.train_saes(cfg, model, hook, acts, resume=args.resume)
+        runs.train_runs(cfg, progress=_progress())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    cfg = _config(args.config)
-    model, _, _, eval_tokens = pipeline.prepare(cfg)
-    print(pipeline.format_table(pipeline.evaluate_run(cfg, model, eval_tokens)))
+    print(runs.format_table(runs.evaluate_runs(_load(args))))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    cfg = pipeline.demo_config(args.out)
-    model, hook, acts, eval_tokens = pipeline.prepare(cfg)
-    pipeline.train_saes(cfg, model, hook, acts, resume=args.resume)
-    rows = pipeline.evaluate_run(cfg, model, eval_tokens)
-    print(f"\nHeld-out metrics ({cfg.model}, {hook}, {rows[0]['n_tokens']:,} tokens):\n")
-    print(pipeline.format_table(rows))
-    print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/<name>/sae")
-    from analyses.report import render  # the CLI is the one place that joins the two packages
+    # The polarity columns and the report come from the analyses package, which sits above
+    # sign_sae; the command line is the one place that joins the two.
+    from analyses.report import render
+    from analyses.sweep import run
+    from sign_sae.models import load_model
 
+    cfg = runs.load_sweep("demo")
+    cfg.out_dir = args.out
+    name = cfg.data.models[0].name
+    model = load_model(name, device=cfg.data.device)
+    rows = run(cfg, runs.Source(cfg.data, {name: model}), progress=_progress())
+    print(f"\nHeld-out metrics ({name}, {rows[0]['hook']}, {rows[0]['n_tokens']:,} tokens):\n")
+    print(runs.format_table(rows))
+    print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/runs/<model>/<hook>/<run>/sae")
     report = render(cfg.out_dir, Path(cfg.out_dir) / "report.html", model=model)
     print(f"Report (opens offline): {report}")
 
@@ -71,27 +79,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    # The polarity columns come from the analyses package, which sits above sign_sae; the
-    # command line is the one place that joins the two (sign_sae.sweep itself never imports it).
-    from analyses.sweep import run
-    from sign_sae.sweep import RESULTS_CSV, load_sweep
+    from analyses.sweep import run  # the polarity columns (the CLI joins the two packages)
 
-    cfg = load_sweep(args.sweep)
-    if args.out:
-        cfg.out_dir = args.out
+    cfg = _load(args)
     with distributed.session():  # under torchrun the runs are spread over the ranks
-        rows = run(cfg, progress=sys.stderr.isatty() and distributed.is_main())
+        rows = run(cfg, progress=_progress())
         if distributed.is_main():
-            print(f"{len(rows)} runs in {Path(cfg.out_dir) / RESULTS_CSV}")
+            print(f"{len(rows)} runs in {Path(cfg.out_dir) / runs.RESULTS_CSV}")
 
 
 def cmd_frontier(args: argparse.Namespace) -> None:
     import json
 
+    from analyses import frontier  # the CLI is the one place that joins the two packages
     from analyses.sweep import write_plots
-    from sign_sae import frontier
+    from sign_sae.runs import read_results
     from sign_sae.storage import atomic_write_text
-    from sign_sae.sweep import read_results
 
     rows = read_results(args.results)
     result = frontier.analyse(rows, reference=args.reference, dead_floor=args.dead_floor)
@@ -109,16 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="harvest activations and train the SAEs of a run config")
-    t.add_argument("config", help="run config (YAML/JSON) or a run folder")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
-    t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a run's SAEs on held-out text")
-    e.add_argument("config", help="run config (YAML/JSON) or a run folder")
-    e.set_defaults(func=cmd_eval)
+    source = "a sweep file (YAML), a run folder or a profile name (demo, cpu, paper, gpu-smoke)"
+    views = (
+        ("train", cmd_train, "harvest activations and train every run of a sweep file"),
+        ("eval", cmd_eval, "evaluate the trained runs of a sweep file on held-out text"),
+        ("sweep", cmd_sweep, "train and evaluate every run of a sweep file, resumably"),
+    )
+    for name, func, help_text in views:  # the run system's views share one signature
+        v = sub.add_parser(name, help=help_text)
+        v.add_argument("config", help=source)
+        v.add_argument("--out", default=None, help="output folder (default: the file's out_dir)")
+        v.set_defaults(func=func)
     d = sub.add_parser("demo", help="half-width SA-GSAE vs full-width Gated on SmolLM2, offline")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    d.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
     r.add_argument("run", help="run folder")
@@ -135,10 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--doubled", action="store_true", help="export as non-negative JumpReLU SAEs [D, -D]"
     )
     x.set_defaults(func=cmd_export)
-    s = sub.add_parser("sweep", help="train and evaluate a grid of SAEs into one results table")
-    s.add_argument("sweep", help="a sweep YAML file or a profile name (cpu, paper, gpu-smoke)")
-    s.add_argument("--out", default=None, help="output folder (default: the file's out_dir)")
-    s.set_defaults(func=cmd_sweep)
     f = sub.add_parser("frontier", help="the paper's comparisons from a sweep's results table")
     f.add_argument("results", help="results.csv or results.json of a sweep")
     f.add_argument("--reference", default="sa_gsae_H", help="label compared against the rest")
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (SignSAEError, FileNotFoundError) as e:  # a user's mistake: one line; bugs keep traces
         print(f"sign-sae: error: {e}", file=sys.stderr)
         return 2
     return 0

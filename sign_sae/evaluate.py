@@ -1,22 +1,38 @@
-"""Evaluate any SAELens SAE spliced into its model on held-out tokens; all metrics in one result.
+"""The one evaluator: held-out metrics of SAEs spliced into their model, sharing every pass that
+does not depend on the SAE.
 
-Per batch: one clean forward (caching the SAE's hook), one with the hook's activations replaced
-by the SAE's reconstruction, one with them zero-ablated. Position 0 (BOS, an attention sink) is
-left clean and excluded from every metric when ``exclude_bos``. Sign-aware throughout: L0 and the
-dead fraction count f != 0 (see docs/metrics.md).
+- R^2, MSE, L0, dead and bipolar fractions come from held-out activations at the hook (one row
+  per token without BOS, as ``harvest`` stores them; no model run);
+- the clean pass runs once per model (its log-probs kept when they fit in ``max_cache_bytes``,
+  and the residual stream entering each hooked block kept for the next point);
+- the zero-ablation pass runs once per hook, and each SAE's spliced pass starts at the hook's
+  block from the cached residual stream (``start_at_layer`` of a HookedTransformer; other models
+  run from the tokens).
+
+Position 0 (BOS, an attention sink) is left clean and excluded from every metric; CE and KL use
+the first ``ce_rows`` rows of the tokens. Sign-aware throughout: L0 and the dead fraction count
+f != 0 (docs/metrics.md).
+
+``HeldOut(model, tokens, acts)`` takes activations already harvested (a sweep's eval cache);
+``held_out(model, tokens, hooks)`` reads them from the model on the fly, and
+``evaluate(sae, model, tokens)`` scores one SAE that way.
 """
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from sign_sae.architectures import parameter_count
-from sign_sae.metrics import LatentStats, ReconstructionStats
+from sign_sae.errors import SignSAEError
+from sign_sae.metrics import LatentStats, ReconstructionStats, bipolar_fraction
 from sign_sae.models import validate_hook
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_ENCODE_ROWS = 4096
 
 
 @dataclass
@@ -32,7 +48,7 @@ class EvalResult:
     mse: float
     l0: float
     dead_fraction: float
-    bipolar_fraction: float  # alive latents with polarity balance >= 0.1
+    bipolar_fraction: float  # alive latents with balance >= metrics.BIPOLAR_BALANCE
     ce_clean: float
     ce_with_sae: float
     ce_zero_ablation: float
@@ -43,114 +59,188 @@ class EvalResult:
         return asdict(self)
 
 
-def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
-    """Per-position cross-entropy of predicting tokens[t+1] from position t >= start."""
-    logp = logits[:, start:-1].log_softmax(-1)
-    return -logp.gather(-1, tokens[:, start + 1 :, None]).squeeze(-1)
+class HeldOut:
+    """Held-out tokens ``[n_seq, context]`` and their activations ``{hook: [n_seq * (context - 1),
+    d_in]}`` (BOS dropped); ``evaluate(sae)`` scores one SAE, reusing every SAE-free pass."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: torch.Tensor,
+        acts: Mapping[str, torch.Tensor],
+        ce_rows: int | None = None,
+        batch_size: int = 8,
+        max_cache_bytes: int = 2**30,
+    ) -> None:
+        n_seq, context = tokens.shape
+        for hook, a in acts.items():
+            validate_hook(model, hook)
+            if a.shape[0] != n_seq * (context - 1):
+                raise SignSAEError(
+                    f"{hook}: {a.shape[0]} activation rows for {n_seq} x {context} tokens; "
+                    "expected one per token without BOS."
+                )
+        self.model, self.acts, self.batch_size = model, dict(acts), batch_size
+        self.tokens = tokens[: n_seq if ce_rows is None else min(ce_rows, n_seq)]
+        self.layers = {h: _layer(model, h) for h in self.acts}
+        n_pred = self.tokens.shape[0] * (context - 2)
+        self.cache_logprobs = n_pred * model.cfg.d_vocab * 4 <= max_cache_bytes
+        self._clean: dict[str, Any] | None = None
+        self._zero: dict[str, float] = {}
+
+    @property
+    def n_ce_tokens(self) -> int:
+        """Predicted positions that CE and KL average over."""
+        return self.tokens.shape[0] * (self.tokens.shape[1] - 2)
+
+    @torch.inference_mode()
+    def evaluate(self, sae: Any, hook: str | None = None) -> EvalResult:
+        """Every metric of ``EvalResult`` for ``sae`` at ``hook`` (default: its metadata's)."""
+        hook = hook or sae.cfg.metadata.hook_name
+        if hook not in self.acts:
+            raise SignSAEError(f"No held-out activations at {hook!r}; have {sorted(self.acts)}.")
+        latents, recon = LatentStats(sae.cfg.d_sae), ReconstructionStats()
+        for x in self.acts[hook].split(_ENCODE_ROWS):
+            x = x.to(sae.device, sae.dtype)
+            feats = sae.encode(x)
+            latents.update(feats)
+            recon.update(x, sae.decode(feats))
+        clean = self._clean_pass()
+        ce_sae = kl = 0.0
+        for i, batch in enumerate(self._batches()):
+            logits = self._run(batch, i, hook, _splice(sae))
+            ce_sae += _next_token_ce(logits, batch).sum().item()
+            logp = logits[:, 1:-1].log_softmax(-1)
+            logp_clean = clean["logprobs"][i] if self.cache_logprobs else self._clean_logp(batch, i)
+            kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
+        n = self.n_ce_tokens
+        ce_clean, ce_zero, ce_sae = clean["ce"] / n, self._zero_ce(hook) / n, ce_sae / n
+        gap = ce_zero - ce_clean
+        return EvalResult(
+            architecture=sae.cfg.architecture(),
+            hook=hook,
+            d_sae=sae.cfg.d_sae,
+            n_params=parameter_count(sae),
+            n_tokens=latents.n_tokens,
+            r2=recon.explained_variance,
+            mse=recon.mse,
+            l0=latents.l0,
+            dead_fraction=latents.dead_fraction,
+            bipolar_fraction=bipolar_fraction(latents),
+            ce_clean=ce_clean,
+            ce_with_sae=ce_sae,
+            ce_zero_ablation=ce_zero,
+            ce_loss_recovered=(ce_zero - ce_sae) / gap if gap > 0 else float("nan"),
+            kl_with_sae=kl / n,
+        )
+
+    def _batches(self) -> list[torch.Tensor]:
+        return list(self.tokens.to(self.model.cfg.device).split(self.batch_size))
+
+    def _clean_pass(self) -> dict[str, Any]:
+        """One clean forward: CE sum, log-probs (when cached) and the residual stream entering
+        every hooked block."""
+        if self._clean is not None:
+            return self._clean
+        names = sorted(
+            {f"blocks.{L}.hook_resid_pre" for L in self.layers.values() if L is not None}
+        )
+        ce, logprobs, resid = 0.0, [], {n: [] for n in names}
+        for batch in self._batches():
+            logits, cache = self.model.run_with_cache(batch, names_filter=names)
+            ce += _next_token_ce(logits, batch).sum().item()
+            if self.cache_logprobs:
+                logprobs.append(logits[:, 1:-1].log_softmax(-1))
+            for n in names:
+                resid[n].append(cache[n])
+        self._clean = {"ce": ce, "logprobs": logprobs, "resid": resid}
+        return self._clean
+
+    def _clean_logp(self, batch: torch.Tensor, i: int) -> torch.Tensor:
+        return self._run(batch, i, None, None)[:, 1:-1].log_softmax(-1)
+
+    def _zero_ce(self, hook: str) -> float:
+        if hook not in self._zero:
+            self._zero[hook] = sum(
+                _next_token_ce(self._run(b, i, hook, _zero), b).sum().item()
+                for i, b in enumerate(self._batches())
+            )
+        return self._zero[hook]
+
+    def _run(self, batch: torch.Tensor, i: int, hook: str | None, fn: Any) -> torch.Tensor:
+        """Logits of batch ``i`` with ``fn`` at ``hook``, from the hook's block when possible."""
+        hooks = [] if hook is None else [(hook, fn)]
+        layer = self.layers.get(hook) if hook is not None else None
+        if layer is None:
+            return self.model.run_with_hooks(batch, fwd_hooks=hooks)
+        resid = self._clean_pass()["resid"][f"blocks.{layer}.hook_resid_pre"][i]
+        return self.model.run_with_hooks(resid, start_at_layer=layer, tokens=batch, fwd_hooks=hooks)
 
 
-def _replace(start: int, value: torch.Tensor | float):
-    """A forward hook that overwrites positions >= start of the hooked activation."""
-
-    def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        act = act.clone()
-        act[:, start:] = value
-        return act
-
-    return hook_fn
-
-
-@dataclass
-class _Tally:
-    """Running sums for one SAE."""
-
-    latents: LatentStats
-    recon: ReconstructionStats = field(default_factory=ReconstructionStats)
-    ce: float = 0.0
-    kl: float = 0.0
+def held_out(
+    model: Any,
+    tokens: torch.Tensor,
+    hooks: Sequence[str],
+    ce_rows: int | None = None,
+    batch_size: int = 8,
+) -> HeldOut:
+    """A ``HeldOut`` whose activations at ``hooks`` are read from ``model`` now (in memory)."""
+    hooks = list(dict.fromkeys(hooks))
+    for hook in hooks:
+        validate_hook(model, hook)
+    layers = [_BLOCK.match(h) for h in hooks]
+    stop = None if None in layers else max(int(m.group(1)) for m in layers) + 1
+    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    with torch.inference_mode():
+        for batch in tokens.to(model.cfg.device).split(batch_size):
+            _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
+            for h in hooks:
+                a = cache[h][:, 1:]
+                parts[h].append(a.reshape(-1, a.shape[-1]).to("cpu", torch.float32))
+    acts = {h: torch.cat(p) for h, p in parts.items()}
+    return HeldOut(model, tokens, acts, ce_rows=ce_rows, batch_size=batch_size)
 
 
 def evaluate(
-    sae: Any,
-    model: Any,
-    tokens: torch.Tensor,
-    hook: str | None = None,
-    batch_size: int = 8,
-    exclude_bos: bool = True,
-    progress: bool = True,
+    sae: Any, model: Any, tokens: torch.Tensor, hook: str | None = None, batch_size: int = 8
 ) -> EvalResult:
-    """R^2, L0, dead fraction, CE loss recovered and KL of ``sae`` at ``hook`` on ``tokens``."""
-    return evaluate_many([sae], model, tokens, hook, batch_size, exclude_bos, progress)[0]
+    """R^2, L0, dead and bipolar fractions, CE loss recovered and KL of ``sae`` spliced into
+    ``model`` at ``hook`` (default: its metadata's) on the held-out ``tokens``."""
+    hook = hook or sae.cfg.metadata.hook_name
+    if not hook:
+        raise SignSAEError("The SAE names no hook in its metadata; pass hook='blocks.L.hook_...'.")
+    return held_out(model, tokens, [hook], batch_size=batch_size).evaluate(sae, hook)
 
 
-@torch.inference_mode()
-def evaluate_many(
-    saes: Sequence[Any],
-    model: Any,
-    tokens: torch.Tensor,
-    hook: str | None = None,
-    batch_size: int = 8,
-    exclude_bos: bool = True,
-    progress: bool = True,
-) -> list[EvalResult]:
-    """``evaluate`` for several SAEs on one hook, sharing the clean and zero-ablated forwards."""
-    hooks = {hook or sae.cfg.metadata.hook_name for sae in saes}
-    if None in hooks or len(hooks) != 1:
-        raise ValueError(
-            f"The SAEs must name one hook in their metadata (got {sorted(map(str, hooks))}); "
-            "pass hook='blocks.L.hook_...'."
-        )
-    (hook,) = hooks
-    validate_hook(model, hook)
-    start = 1 if exclude_bos else 0
-    tallies = [_Tally(LatentStats(sae.cfg.d_sae)) for sae in saes]
-    ce_clean = ce_zero = 0.0
-    n_pred = 0
-    for batch in tqdm(tokens.split(batch_size), desc="eval", disable=not progress, leave=False):
-        clean_logits, cache = model.run_with_cache(batch, names_filter=[hook])
-        acts = cache[hook]
-        zero_logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _replace(start, 0.0))])
-        ce_clean += _next_token_ce(clean_logits, batch, start).sum().item()
-        ce_zero += _next_token_ce(zero_logits, batch, start).sum().item()
-        logp_clean = clean_logits[:, start:-1].log_softmax(-1)
-        n_pred += logp_clean.shape[0] * logp_clean.shape[1]
-        for sae, tally in zip(saes, tallies, strict=True):
-            feats = sae.encode(acts[:, start:])
-            x_hat = sae.decode(feats).to(acts.dtype)
-            tally.latents.update(feats)
-            tally.recon.update(acts[:, start:], x_hat)
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _replace(start, x_hat))])
-            tally.ce += _next_token_ce(logits, batch, start).sum().item()
-            logp = logits[:, start:-1].log_softmax(-1)
-            tally.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
-    ce_clean, ce_zero = ce_clean / n_pred, ce_zero / n_pred
-    return [
-        _result(sae, t, hook, ce_clean, ce_zero, n_pred)
-        for sae, t in zip(saes, tallies, strict=True)
-    ]
+def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of predicting tokens[t+1] from position t >= 1 (BOS left out)."""
+    logp = logits[:, 1:-1].log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 2:, None]).squeeze(-1)
 
 
-def _result(
-    sae: Any, t: _Tally, hook: str, ce_clean: float, ce_zero: float, n_pred: int
-) -> EvalResult:
-    alive = t.latents.alive
-    bipolar = (t.latents.balance[alive] >= 0.1).double().mean().item() if alive.any() else 0.0
-    ce_sae = t.ce / n_pred
-    gap = ce_zero - ce_clean
-    return EvalResult(
-        architecture=sae.cfg.architecture(),
-        hook=hook,
-        d_sae=sae.cfg.d_sae,
-        n_params=parameter_count(sae),
-        n_tokens=t.latents.n_tokens,
-        r2=t.recon.explained_variance,
-        mse=t.recon.mse,
-        l0=t.latents.l0,
-        dead_fraction=t.latents.dead_fraction,
-        bipolar_fraction=bipolar,
-        ce_clean=ce_clean,
-        ce_with_sae=ce_sae,
-        ce_zero_ablation=ce_zero,
-        ce_loss_recovered=(ce_zero - ce_sae) / gap if gap > 0 else float("nan"),
-        kl_with_sae=t.kl / n_pred,
-    )
+def _layer(model: Any, hook: str) -> int | None:
+    """The block a hook sits in, when the model can start a forward there; else None."""
+    from transformer_lens import HookedTransformer
+
+    match = _BLOCK.match(hook)
+    if match is None or not isinstance(model, HookedTransformer):
+        return None
+    return int(match.group(1))
+
+
+def _splice(sae: Any) -> Any:
+    """A hook that replaces positions >= 1 with the SAE's reconstruction of them."""
+
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = act.clone()
+        x = act[:, 1:]
+        out[:, 1:] = sae.decode(sae.encode(x.to(sae.dtype))).to(act.dtype)
+        return out
+
+    return fn
+
+
+def _zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
+    out = act.clone()
+    out[:, 1:] = 0.0
+    return out

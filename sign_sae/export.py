@@ -1,6 +1,6 @@
 """Export trained SAEs as a SAELens release folder, and SA-GSAEs as doubled non-negative SAEs.
 
-``export`` writes, for a run folder (every trained ``RUN_DIR/<name>/sae``) or one SAE folder::
+``export`` writes, for a run folder (every trained run of ``sign_sae.runs``) or one SAE folder::
 
     OUT_DIR/<sae_id>/cfg.json
     OUT_DIR/<sae_id>/sae_weights.safetensors
@@ -14,10 +14,11 @@ alive). The SAE id is the SAE's hook when one exported SAE reads it, else ``<hoo
 
 ``to_doubled_jumprelu`` turns an SA-GSAE into an exactly equivalent ``JumpReLUSAE`` for tools that
 assume non-negative latents: latent ``i`` is the positive part of signed latent ``i`` and latent
-``d_sae + i`` the negated negative part, with decoder rows ``[D, -D]``.
+``d_sae + i`` the negated negative part, with decoder rows ``[D, -D]``. ``to_signed_init`` goes
+the other way: it merges pairs of latents of a non-negative SAE into signed SA-GSAE latents, and
+brings a doubled tied SA-GSAE back exactly.
 """
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,10 +31,20 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from sign_sae import ARCHITECTURE, SAGSAE, SAGSAETrainingSAE, SAGSAETrainingSAEConfig
+from sign_sae.errors import SignSAEError
 from sign_sae.harvest import ActivationCache, InvalidCacheError
+from sign_sae.markdown import markdown_table
 from sign_sae.metrics import LatentStats
 from sign_sae.releases import LOADER
-from sign_sae.sae import ARCHITECTURE, SAGSAE
+from sign_sae.runs import (
+    RESULTS_JSON,
+    SWEEP_FILE,
+    TRAIN_FILE,
+    activations_dir,
+    read_results,
+    trained_runs,
+)
 from sign_sae.storage import atomic_write_text, read_cfg, write_folder
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,10 @@ RELEASE_FILE = "release.yaml"
 README_FILE = "README.md"
 SPARSITY_EPS = 1e-10  # as SAELens's trainer: a dead latent gets log10 sparsity -10
 Activations = torch.Tensor | ActivationCache | str | Path
+# theta- of latents kept one-sided by to_signed_init: the negative gate never opens.
+CLOSED_THRESHOLD = 1e9
+# Encoders to_signed_init can read, as "gate p + b_gate > theta, magnitude exp(r) p + b_mag".
+_NON_NEGATIVE = ("standard", "jumprelu", "topk", "gated")
 
 
 # ---- doubled non-negative export ----------------------------------------------------------------
@@ -67,7 +82,7 @@ def to_doubled_jumprelu(sae: SAGSAE) -> JumpReLUSAE:
         threshold = torch.cat([threshold, sae.threshold_neg])
         W_dec = torch.cat([W_dec, -W_dec])
     if bool((threshold < 0).any()):
-        raise ValueError(
+        raise SignSAEError(
             "This SA-GSAE has negative thresholds; a JumpReLU (ReLU then threshold) cannot "
             "reproduce them. Clamp them to >= 0 (as training does) first."
         )
@@ -93,8 +108,127 @@ def signed_from_doubled(feature_acts: torch.Tensor) -> torch.Tensor:
     """Signed latents ``f[..., :d] - f[..., d:]`` from the latents of a two-sided doubled SAE."""
     width = feature_acts.shape[-1]
     if width % 2:
-        raise ValueError(f"A doubled SAE has an even number of latents, got {width}.")
+        raise SignSAEError(f"A doubled SAE has an even number of latents, got {width}.")
     return feature_acts[..., : width // 2] - feature_acts[..., width // 2 :]
+
+
+# ---- the reverse: pairs of non-negative latents into signed latents ---------------------------
+def to_signed_init(
+    sae: Any,
+    pairs: Iterable[tuple[int, int]],
+    tied: bool = False,
+    threshold_init: float = 1e-3,
+) -> SAGSAETrainingSAE:
+    """An SA-GSAE initialisation that merges each pair (i, j) of a non-negative SAE into one
+    signed latent and keeps every other latent, so that training from it measures what the merge
+    gains; the inverse of ``to_doubled_jumprelu`` for a tied SA-GSAE, paired ``(i, d_sae + i)``.
+    ``pairs``: e.g. ``analyses.pairs.antipodal_pairs(sae, ...).as_tuples()``.
+
+    Latent order: the merged pairs first (in the given order; +side = i, -side = j), then the
+    unpaired latents in ascending original order. Every source latent l is read as
+    "gate p + b_gate > theta, magnitude exp(r) p + b_mag" with p = (x - b_dec) W_enc[:, l]
+    (standard / TopK: b_gate = b_mag = b_enc, theta = 0, r = 0; JumpReLU: theta = threshold;
+    Gated: its own b_gate, r_mag, b_mag, theta = 0) and its decoder norm c_l folded in (W_enc,
+    b_gate, theta, b_mag times c_l; decoder row unit-norm). Then, with m = (b_gate_i + b_gate_j)/2:
+
+    - merged: W_dec = (d_i - d_j) / ||d_i - d_j|| (unit rows), W_enc = (w_i - w_j) / 2,
+      b_gate = (b_gate_i - b_gate_j) / 2, theta+ = max(0, theta_i - m),
+      theta- = max(0, theta_j - m); untied: r+ = r_i, b_mag+ = b_mag_i, r- = r_j,
+      b_mag- = -b_mag_j; tied: r = (r_i + r_j) / 2, b_mag = (b_mag_i - b_mag_j) / 2.
+    - unpaired: the source latent as is, with theta- = CLOSED_THRESHOLD (it stays one-sided;
+      a dead-latent reset during training reopens it).
+    - b_dec, apply_b_dec_to_input, normalize_activations and the hook name are copied.
+
+    Untied, the merged latent reproduces both source latents exactly when w_j = -w_i,
+    d_j ~ -d_i and theta_i + theta_j >= b_gate_i + b_gate_j (the two gates never overlap);
+    otherwise it is their symmetric average. TopK's global top-k selection is not carried over.
+    The result takes raw activations: a trainer that rescales inputs must rescale it too.
+    """
+    arch = sae.cfg.architecture()
+    if arch not in _NON_NEGATIVE:
+        raise SignSAEError(f"to_signed_init reads {_NON_NEGATIVE} SAEs, got architecture {arch!r}.")
+    pair_list = [(int(i), int(j)) for i, j in pairs]
+    flat = [x for p in pair_list for x in p]
+    if len(set(flat)) != len(flat) or any(not 0 <= x < sae.cfg.d_sae for x in flat):
+        raise SignSAEError("Pairs must use distinct latent indices within [0, d_sae).")
+    new = _merged_weights(_gate_form(sae), pair_list, tied)
+    meta = sae.cfg.metadata
+    cfg = SAGSAETrainingSAEConfig(
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae - len(pair_list),
+        dtype=sae.cfg.dtype,
+        device=sae.cfg.device,
+        apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
+        normalize_activations=sae.cfg.normalize_activations,
+        tied=tied,
+        threshold_init=threshold_init,
+        metadata=SAEMetadata(hook_name=meta.hook_name, model_name=meta.model_name),
+    )
+    signed = SAGSAETrainingSAE(cfg)
+    with torch.no_grad():
+        for name, value in new.items():
+            getattr(signed, name).copy_(value)
+    return signed
+
+
+def _merged_weights(
+    src: dict[str, torch.Tensor], pair_list: list[tuple[int, int]], tied: bool
+) -> dict[str, torch.Tensor]:
+    """``to_signed_init``'s weights from the source's gate form: merged pairs, then the rest."""
+    P = torch.tensor([p[0] for p in pair_list], dtype=torch.long)
+    N = torch.tensor([p[1] for p in pair_list], dtype=torch.long)
+    paired = torch.zeros(src["b_gate"].shape[0], dtype=torch.bool)
+    paired[[x for p in pair_list for x in p]] = True
+    U = (~paired).nonzero().squeeze(1)
+
+    mid = (src["b_gate"][P] + src["b_gate"][N]) / 2
+    d_merged = src["W_dec"][P] - src["W_dec"][N]
+    new = {
+        "W_enc": torch.cat([(src["W_enc"][:, P] - src["W_enc"][:, N]) / 2, src["W_enc"][:, U]], 1),
+        "W_dec": torch.cat([d_merged / d_merged.norm(dim=1, keepdim=True), src["W_dec"][U]]),
+        "b_gate": torch.cat([(src["b_gate"][P] - src["b_gate"][N]) / 2, src["b_gate"][U]]),
+        "threshold_pos": torch.cat([(src["theta"][P] - mid).clamp(min=0), src["theta"][U]]),
+        "threshold_neg": torch.cat(
+            [
+                (src["theta"][N] - mid).clamp(min=0),
+                torch.full_like(src["theta"][U], CLOSED_THRESHOLD),
+            ]
+        ),
+        "b_dec": src["b_dec"],
+    }
+    if tied:
+        new["r_mag"] = torch.cat([(src["r"][P] + src["r"][N]) / 2, src["r"][U]])
+        new["b_mag"] = torch.cat([(src["b_mag"][P] - src["b_mag"][N]) / 2, src["b_mag"][U]])
+    else:
+        new["r_mag"] = torch.cat([src["r"][P], src["r"][U]])
+        new["b_mag"] = torch.cat([src["b_mag"][P], src["b_mag"][U]])
+        new["r_mag_neg"] = torch.cat([src["r"][N], src["r"][U]])
+        new["b_mag_neg"] = torch.cat([-src["b_mag"][N], src["b_mag"][U]])
+
+    return new
+
+
+def _gate_form(sae: Any) -> dict[str, torch.Tensor]:
+    """The source SAE's per-latent (W_enc, b_gate, theta, r, b_mag) with decoder norms folded."""
+    W_dec = sae.W_dec.detach()
+    c = W_dec.norm(dim=1).clamp(min=1e-12)
+    zeros = torch.zeros_like(c)
+    if sae.cfg.architecture() == "gated":
+        b_gate, r, b_mag, theta = sae.b_gate.detach(), sae.r_mag.detach(), sae.b_mag.detach(), zeros
+    else:
+        b_gate = b_mag = sae.b_enc.detach()
+        r = zeros
+        threshold = getattr(sae, "threshold", None)
+        theta = threshold.detach() if isinstance(threshold, torch.Tensor) else zeros
+    return {
+        "W_enc": sae.W_enc.detach() * c,
+        "W_dec": W_dec / c[:, None],
+        "b_gate": b_gate * c,
+        "theta": theta * c,
+        "r": r,
+        "b_mag": b_mag * c,
+        "b_dec": sae.b_dec.detach(),
+    }
 
 
 # ---- release export ---------------------------------------------------------------------------
@@ -167,12 +301,16 @@ def export_run(
     """``sign-sae export RUN_DIR OUT_DIR``: every trained SAE of a run as release
     ``release_name`` in ``out_dir`` (see ``export``); returns the path of ``release.yaml``.
 
-    Firing frequencies come from the run's cached activations (``RUN_DIR/activations/<hook>``,
-    the training split) when they are there; otherwise ``sparsity.safetensors`` is omitted.
+    Firing frequencies come from the run's cached activations (its training harvest) when its
+    SAEs read one model's one hook and the harvest is there; otherwise ``sparsity.safetensors``
+    is omitted.
     """
     run_dir = Path(run_dir)
-    hooks = {_hook(folder) for _, folder, _ in _sources(run_dir)}
-    folder = run_dir / "activations" / hooks.pop() if len(hooks) == 1 else None
+    reads = {(_model(folder), _hook(folder)) for _, folder, _ in _sources(run_dir)}
+    folder = None
+    if len(reads) == 1:
+        model, hook = reads.pop()
+        folder = activations_dir(run_dir, model, "train") / hook
     activations = None
     if folder is not None and folder.is_dir():
         try:
@@ -192,14 +330,14 @@ def log_sparsity(
     for batch in _batches(activations, batch_size):
         for sae, s in zip(saes, stats, strict=True):
             if batch.shape[-1] != sae.cfg.d_in:
-                raise ValueError(
+                raise SignSAEError(
                     f"Activations have width {batch.shape[-1]} but the SAE reads "
                     f"{sae.cfg.metadata.hook_name} with d_in={sae.cfg.d_in}."
                 )
             s.update(sae.encode(batch.to(sae.device)))
     n_tokens = stats[0].n_tokens if stats else 0
     if n_tokens == 0:
-        raise ValueError("No activations to compute firing frequencies from.")
+        raise SignSAEError("No activations to compute firing frequencies from.")
     out = [torch.log10((s.n_pos + s.n_neg) / n_tokens + SPARSITY_EPS).float() for s in stats]
     return out, n_tokens
 
@@ -216,29 +354,28 @@ def _sources(source: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     """(name, SAE folder, results row or {}) for one SAE folder or every trained SAE of a run."""
     if (source / SAE_CFG_FILENAME).is_file():
         return [(source.resolve().name, source, {})]
-    config = source / "config.json"
-    if not config.is_file():
+    if not (source / SWEEP_FILE).is_file():
         raise FileNotFoundError(
             f"{source} is neither an SAE folder ({SAE_CFG_FILENAME}) nor a run folder "
-            "(config.json from sign-sae train)."
+            f"({SWEEP_FILE} from sign-sae train)."
         )
-    names = [s["name"] for s in json.loads(config.read_text()).get("saes", [])]
-    results = source / "results.json"
-    rows = {r["name"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
-    items = [(n, source / n / "sae", rows.get(n, {})) for n in names]
-    missing = [n for n, folder, _ in items if not (folder / SAE_CFG_FILENAME).is_file()]
-    if missing:
-        log.warning("skipping untrained SAE(s) %s of %s", missing, source)
-    items = [item for item in items if item[0] not in missing]
+    results = source / RESULTS_JSON
+    rows = {r["config_hash"]: r for r in read_results(results)} if results.is_file() else {}
+    items = [
+        (name, source / record["folder"] / "sae", rows.get(record["config_hash"], {}))
+        for name, record in trained_runs(source).items()
+    ]
     if not items:
-        raise FileNotFoundError(
-            f"Run {source} has no trained SAE (no <name>/sae/{SAE_CFG_FILENAME})."
-        )
+        raise FileNotFoundError(f"Run {source} has no trained SAE (no runs/.../{TRAIN_FILE}).")
     return items
 
 
 def _hook(folder: Path) -> str:
     return (read_cfg(folder).get("metadata") or {}).get("hook_name") or "sae"
+
+
+def _model(folder: Path) -> str:
+    return (read_cfg(folder).get("metadata") or {}).get("model_name") or ""
 
 
 def _sae_ids(items: list[tuple[str, Path, dict[str, Any]]]) -> list[str]:
@@ -281,15 +418,14 @@ def _readme(release: str, saes: list[SAE], ids: list[str], entry: dict[str, Any]
         "SAE of the `sign-sae` package: its latents are signed, so count L0 and density with "
         "`!= 0`.",
         "",
-        "| sae_id | architecture | hook | d_in | d_sae |",
-        "|---|---|---|---|---|",
+        markdown_table(
+            ["sae_id", "architecture", "hook", "d_in", "d_sae"],
+            [
+                [sae_id, s.cfg.architecture(), s.cfg.metadata.hook_name, s.cfg.d_in, s.cfg.d_sae]
+                for sae_id, s in zip(ids, saes, strict=True)
+            ],
+        ),
     ]
-    for sae_id, sae in zip(ids, saes, strict=True):
-        cfg = sae.cfg
-        lines.append(
-            f"| {sae_id} | {cfg.architecture()} | {cfg.metadata.hook_name} | {cfg.d_in} | "
-            f"{cfg.d_sae} |"
-        )
     if any(sae.cfg.metadata.doubled_from for sae in saes):
         lines += [
             "",

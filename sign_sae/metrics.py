@@ -7,11 +7,15 @@ Definitions (also in docs/metrics.md):
   the same tokens (not over the batch axis of each step, and not around zero).
 - per latent: n+ / n- = tokens with f > 0 / f < 0; mass+ / mass- = sum of |f| over them;
   balance = min(n+, n-) / (n+ + n-) (0 for a latent that never fires).
+- bipolar fraction: share of alive latents with balance >= ``BIPOLAR_BALANCE`` (0.1).
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+BIPOLAR_BALANCE = 0.1  # a latent is bipolar when its balance is at least this
 
 
 def l0(feature_acts: torch.Tensor) -> float:
@@ -30,6 +34,13 @@ def balance(n_pos: torch.Tensor, n_neg: torch.Tensor) -> torch.Tensor:
     """min(n+, n-) / (n+ + n-) per latent; 0 where the latent never fired."""
     total = n_pos + n_neg
     return torch.where(total > 0, torch.minimum(n_pos, n_neg) / total.clamp(min=1), 0.0)
+
+
+def bipolar_fraction(stats: Any, threshold: float = BIPOLAR_BALANCE) -> float:
+    """Share of alive latents with balance >= ``threshold`` (0 when none is alive); ``stats``
+    is anything with per-latent ``alive`` and ``balance`` (``LatentStats``, a polarity census)."""
+    alive = stats.alive
+    return (stats.balance[alive] >= threshold).double().mean().item() if alive.any() else 0.0
 
 
 @dataclass

@@ -17,6 +17,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from analyses import pairs
 from analyses.pairs import AntipodalPairs
 from sign_sae import SAGSAE, SAGSAEConfig
+from sign_sae.export import to_signed_init
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -144,7 +145,7 @@ def planted_gated() -> GatedSAE:
 @pytest.mark.parametrize(("make", "pair"), [(planted_jumprelu, (0, 1)), (planted_gated, (1, 3))])
 def test_signed_init_reproduces_an_exact_pair(make, pair) -> None:
     sae = make()
-    signed = pairs.to_signed_init(sae, [pair])
+    signed = to_signed_init(sae, [pair])
     assert signed.cfg.d_sae == 4 and signed.cfg.metadata.hook_name == HOOK
     x = 2 * torch.randn(2000, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -161,7 +162,7 @@ def test_signed_init_reproduces_an_exact_pair(make, pair) -> None:
 
 
 def test_signed_init_tied_trains_without_nan() -> None:
-    signed = pairs.to_signed_init(planted_jumprelu(), [(0, 1)], tied=True)
+    signed = to_signed_init(planted_jumprelu(), [(0, 1)], tied=True)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
     out = signed.training_forward_pass(
         TrainStepInput(
@@ -179,6 +180,6 @@ def test_signed_init_tied_trains_without_nan() -> None:
 
 def test_signed_init_rejects_signed_sources_and_reused_latents() -> None:
     with pytest.raises(ValueError, match="architecture"):
-        pairs.to_signed_init(SAGSAE(SAGSAEConfig(d_in=4, d_sae=4)), [(0, 1)])
+        to_signed_init(SAGSAE(SAGSAEConfig(d_in=4, d_sae=4)), [(0, 1)])
     with pytest.raises(ValueError, match="distinct"):
-        pairs.to_signed_init(planted_jumprelu(), [(0, 1), (1, 2)])
+        to_signed_init(planted_jumprelu(), [(0, 1), (1, 2)])

@@ -16,7 +16,7 @@ from analyses.stream import hook_activations
 from sign_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.models import hook_name, mid_layer
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

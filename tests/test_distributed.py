@@ -15,8 +15,8 @@ from transformer_lens import HookedTransformerConfig
 
 from sign_sae import distributed
 from sign_sae.architectures import make_training_sae
-from sign_sae.sweep import SweepConfig, run_sweep
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.runs import Source, SweepConfig, run_sweep, train_runs, trained_runs
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 D_IN, WIDTH, STEPS, PAUSE = 16, 48, 24, 11
 # name -> (architecture, sparsity, SAE options, TrainConfig overrides)
@@ -40,53 +40,69 @@ def _train(name: str, **kw) -> tuple[dict[str, torch.Tensor], list[dict], list[i
     torch.manual_seed(0)
     sae = make_training_sae(arch, D_IN, WIDTH, sparsity, warm_up_steps=4, **options)
     resets: list[int] = []
-    if hasattr(sae, "_constrain_and_reset"):
-        inner = sae._constrain_and_reset
+    if hasattr(sae, "constrain"):
+        inner = sae.constrain
 
-        def counted() -> int:
-            resets.append(inner())
-            return resets[-1]
+        def counted(tokens_since_fired: torch.Tensor) -> torch.Tensor:
+            reset = inner(tokens_since_fired)
+            resets.append(int(reset.sum()))
+            return reset
 
-        sae._constrain_and_reset = counted
+        sae.constrain = counted
     base = dict(total_steps=STEPS, batch_size=256, lr=1e-2, lr_warm_up_steps=4, lr_decay_steps=8)
     cfg = TrainConfig(**{**base, "log_every": 8, "checkpoint_every": 5, **overrides})
     res = train(sae, TensorBatches(_data(), cfg.batch_size, seed=1), cfg, progress=False, **kw)
     return sae.state_dict(), res.history, resets
 
 
-def _tiny_model(
-    cfg: SweepConfig, name: str
-) -> tuple[HookedSAETransformer, torch.Tensor, torch.Tensor]:
-    """A random 2-layer model and random token rows (a sweep ``load``)."""
-    torch.manual_seed(0)
-    model = HookedSAETransformer(
-        HookedTransformerConfig(
-            n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=50,
-            act_fn="gelu", model_name=name,
-        )
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    rows = lambda n: torch.randint(1, 50, (n // cfg.context_size, cfg.context_size), generator=g)
-    return model, rows(cfg.train_tokens), rows(cfg.eval_tokens)
+class _Tiny(Source):
+    """A random 2-layer model and random token rows."""
+
+    def model(self, name: str) -> HookedSAETransformer:
+        torch.manual_seed(0)
+        return HookedSAETransformer(
+            HookedTransformerConfig(
+                n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=50,
+                act_fn="gelu", model_name=name,
+            )
+        )  # fmt: skip
+
+    def tokens(self, model: HookedSAETransformer, split: str) -> torch.Tensor:
+        n = self.data.train_tokens if split == "train" else self.data.eval_tokens
+        g = torch.Generator().manual_seed(1 if split == "train" else 2)
+        return torch.randint(1, 50, (n // 16, 16), generator=g)
 
 
-def _sweep(out: Path) -> list[dict]:
-    """Three runs (an odd number, so the last round leaves a rank idle) of a tiny sweep."""
-    cfg = SweepConfig(
+def _tiny_sweep(out: Path) -> SweepConfig:
+    """Three runs (an odd number, so the last round leaves a rank idle)."""
+    return SweepConfig(
         out_dir=str(out),
-        models=["tiny"],
-        hooks=["mlp_out"],
-        context_size=16,
-        train_tokens=16 * 64,
-        eval_tokens=16 * 8,
-        ce_tokens=16 * 4,
-        train=TrainConfig(total_steps=10, batch_size=128),
+        data={
+            "models": ["tiny"],
+            "hooks": ["mlp_out"],
+            "context_size": 16,
+            "train_tokens": 16 * 64,
+            "eval_tokens": 16 * 8,
+            "ce_tokens": 16 * 4,
+        },
+        train={"total_steps": 10, "batch_size": 128},
         grid=[
             {"label": "sa", "arch": "sa_gsae", "sparsity": [1.0, 3.0]},
             {"label": "gated", "arch": "gated", "sparsity": [1.0]},
         ],
     )
-    return run_sweep(cfg, load=_tiny_model, progress=False)
+
+
+def _sweep(out: Path) -> list[dict]:
+    """The tiny sweep, its runs shared out over the ranks."""
+    cfg = _tiny_sweep(out)
+    return run_sweep(cfg, source=_Tiny(cfg.data), progress=False)
+
+
+def _train_runs(out: Path) -> None:
+    """The tiny sweep's runs trained one after another, each by every rank (``sign-sae train``)."""
+    cfg = _tiny_sweep(out)
+    train_runs(cfg, _Tiny(cfg.data), progress=False)
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -116,6 +132,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         tensors["table"] = torch.tensor(table)
         rows = _sweep(out / "sweep_by_2")
         (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
+        _train_runs(out / "train_by_2")
         if distributed.is_main():
             save_file(tensors, out / "ranks.safetensors")
 
@@ -136,6 +153,7 @@ def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
         single = {name: _train(name) for name in RUNS}
         _train("sa_gsae", run_dir=tmp / "paused_by_1", stop_at=PAUSE)  # resumed by 2 ranks
         _sweep(tmp / "sweep_by_1")
+        _train_runs(tmp / "train_by_1")
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
@@ -195,6 +213,20 @@ def test_two_rank_sweep_gives_the_one_rank_table(runs):
     for rank in range(2):
         rows = json.loads((tmp / f"sweep_rows_{rank}.json").read_text())
         assert [r["config_hash"] for r in rows] == [r["config_hash"] for r in one]
+
+
+def test_two_ranks_train_each_run_of_a_sweep_file_to_the_one_process_weights(runs):
+    _, _, tmp = runs
+    one, two = trained_runs(tmp / "train_by_1"), trained_runs(tmp / "train_by_2")
+    assert list(one) == list(two) == ["sa_sp1_seed0", "sa_sp3_seed0", "gated_sp1_seed0"]
+    for name, record in one.items():
+        assert two[name]["folder"] == record["folder"]  # the same config hash
+        a = load_file(tmp / "train_by_1" / record["folder"] / "sae" / "sae_weights.safetensors")
+        b = load_file(tmp / "train_by_2" / record["folder"] / "sae" / "sae_weights.safetensors")
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
+        assert not (tmp / "train_by_2" / record["folder"] / "checkpoint").exists()
 
 
 def test_shard_and_gather_rows(runs):

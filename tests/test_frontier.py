@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from sign_sae import frontier
-from sign_sae.frontier import Curve, Point
+from analyses import frontier
+from analyses.frontier import Curve, Point
 
 
 def curve(label: str, pts: list[tuple[float, float]], dead: float = 0.0, d_sae: int = 100) -> Curve:
@@ -47,6 +47,18 @@ def test_interpolation_is_linear_in_log_l0_and_undefined_outside():
 def test_frontier_keeps_only_pareto_points():
     c = curve("a", [(10, 0.5), (20, 0.4), (40, 0.7), (80, 0.7)])
     assert [(p.l0, p.r2) for p in c.frontier] == [(10, 0.5), (40, 0.7)]
+
+
+def test_pareto_keeps_the_best_of_equal_l0_whatever_the_items():
+    rows = [
+        {"l0": 10, "r2": 0.3},
+        {"l0": 10, "r2": 0.6},
+        {"l0": 5, "r2": 0.6},
+        {"l0": 20, "r2": 0.9},
+    ]
+    front = frontier.pareto(rows, key=lambda r: (r["l0"], r["r2"]))
+    assert front == [{"l0": 5, "r2": 0.6}, {"l0": 20, "r2": 0.9}]
+    assert frontier.pareto([(10, 0.3), (10, 0.6)], key=lambda p: p) == [(10, 0.6)]
 
 
 def test_strict_dominance_over_the_full_overlap():

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from sign_sae.metrics import LatentStats, ReconstructionStats, balance, explained_variance, l0
+from sign_sae.metrics import (
+    BIPOLAR_BALANCE,
+    LatentStats,
+    ReconstructionStats,
+    balance,
+    bipolar_fraction,
+    explained_variance,
+    l0,
+)
 
 
 def test_negative_only_latent_is_alive_and_counted():
@@ -40,3 +48,14 @@ def test_streaming_equals_one_shot():
         s.update(a, b)
     assert s.explained_variance == pytest.approx(explained_variance(x, x_hat), rel=1e-12)
     assert s.mse == pytest.approx((x - x_hat).pow(2).sum(-1).mean().item(), rel=1e-9)
+
+
+def test_bipolar_fraction_counts_alive_latents_at_the_one_cut_off():
+    # latent 0: balance exactly 0.1 (bipolar); 1: 1/11 (not); 2: one-signed; 3: dead
+    stats = LatentStats(4)
+    stats.update(torch.tensor([[1.0, 1.0, -1.0, 0.0]] * 9 + [[-1.0, 1.0, -1.0, 0.0]]))
+    stats.update(torch.tensor([[0.0, -1.0, 0.0, 0.0]]))
+    assert BIPOLAR_BALANCE == 0.1 and stats.balance[0].item() == pytest.approx(0.1)
+    assert bipolar_fraction(stats) == pytest.approx(1 / 3)  # of the 3 alive latents
+    assert bipolar_fraction(stats, threshold=0.05) == pytest.approx(2 / 3)
+    assert bipolar_fraction(LatentStats(4)) == 0.0  # none alive

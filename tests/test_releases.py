@@ -16,7 +16,6 @@ from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
-from sign_sae.pipeline import RunConfig, SAESpec, evaluate_run, train_saes
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sign_sae
@@ -28,9 +27,9 @@ from sign_sae.export import (
     to_doubled_jumprelu,
     to_signed_init,
 )
-from sign_sae.harvest import ActivationCache, harvest
+from sign_sae.harvest import ActivationCache
 from sign_sae.metrics import LatentStats
-from sign_sae.trainer import TrainConfig
+from sign_sae.runs import Source, SweepConfig, activations_dir, run_sweep, trained_runs
 
 D_IN, D_SAE = 8, 12
 HOOK = "blocks.0.hook_mlp_out"
@@ -135,10 +134,14 @@ def test_pretrained_non_negative_saes_feed_to_signed_init(local_release, registe
 
 
 def test_registry_survives_a_cleared_directory_cache(local_release, register):
+    """SAELens rebuilds its directory from its own YAML after a cache clear; sign-sae's explicit
+    calls (``load_pretrained``, ``find_release``) put the registered releases back."""
     register("test-local", local_release[0])
     get_pretrained_saes_directory.cache_clear()
-    assert type(SAE.from_pretrained("test-local", "signed")) is SAGSAE
+    assert "test-local" not in get_pretrained_saes_directory()  # SAELens's own behaviour
+    assert type(sign_sae.load_pretrained("test-local", "signed")) is SAGSAE
     assert "test-local" in get_pretrained_saes_directory()
+    assert type(SAE.from_pretrained("test-local", "signed")) is SAGSAE
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -151,21 +154,29 @@ def run_dir(tmp_path_factory):
     )
     model = HookedTransformer(cfg)
     out = tmp_path_factory.mktemp("run")
-    run = RunConfig(
+    run = SweepConfig(
         out_dir=str(out),
-        model="tiny-model",
-        hook=HOOK,
-        context_size=16,
-        saes=[
-            SAESpec("sa", "sa_gsae", width=D_SAE, sparsity=0.1),
-            SAESpec("gated", "gated", width=16),
+        data={
+            "models": ["tiny-model"],
+            "hooks": [HOOK],
+            "context_size": 16,
+            "train_tokens": 16 * 16,
+            "eval_tokens": 4 * 16,
+            "ce_tokens": 4 * 16,
+        },
+        train={"total_steps": 4, "batch_size": 32, "log_every": 2},
+        grid=[
+            {"label": "sa", "arch": "sa_gsae", "width": D_SAE / D_IN, "sparsity": [0.1]},
+            {"label": "gated", "arch": "gated", "width": 2, "sparsity": [1.0]},
         ],
-        train=TrainConfig(total_steps=4, batch_size=32, log_every=2),
     )
-    tokens = torch.randint(0, 40, (16, 16), generator=torch.Generator().manual_seed(0))
-    acts = harvest(model, tokens, [HOOK], out / "activations", model_name="tiny-model")[HOOK].load()
-    train_saes(run, model, HOOK, acts)
-    evaluate_run(run, model, tokens[:4])
+
+    class Tiny(Source):
+        def tokens(self, model, split):
+            n = 16 if split == "train" else 4
+            return torch.randint(0, 40, (n, 16), generator=torch.Generator().manual_seed(n))
+
+    run_sweep(run, source=Tiny(run.data, {"tiny-model": model}), progress=False)
     return out
 
 
@@ -175,7 +186,7 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
     entry = yaml.safe_load(path.read_text())["tiny-run"]
     ids = [s["id"] for s in entry["saes"]]
     assert ids == [f"{HOOK}/sa", f"{HOOK}/gated"] and entry["model"] == "tiny-model"
-    results = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())}
+    results = {r["label"]: r for r in json.loads((run_dir / "results.json").read_text())}
     assert entry["saes"][0]["l0"] == pytest.approx(results["sa"]["l0"], abs=1e-4)
     for sae_id in ids:
         assert {p.name for p in (tmp_path / "out" / sae_id).iterdir()} == {
@@ -185,10 +196,11 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
         }
     register(yaml_file=path)
     sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("tiny-run", f"{HOOK}/sa")
-    trained = SAE.load_from_disk(run_dir / "sa" / "sae")
+    trained = SAE.load_from_disk(run_dir / trained_runs(run_dir)["sa"]["folder"] / "sae")
+    assert trained.cfg.d_sae == D_SAE
     assert type(sae) is SAGSAE and torch.equal(sae.W_enc, trained.W_enc)
     assert cfg["metadata"]["context_size"] == 16 and cfg["metadata"]["model_name"] == "tiny-model"
-    acts = ActivationCache.open(run_dir / "activations" / HOOK).load()
+    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "train") / HOOK).load()
     with torch.no_grad():
         fired = (trained.encode(acts) != 0).double().mean(0)
     assert torch.allclose(sparsity, torch.log10(fired + 1e-10).float())
@@ -197,7 +209,8 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
 
 def test_export_run_doubled_and_without_usable_activations(run_dir, tmp_path):
     shutil.copytree(run_dir, tmp_path / "run")
-    (tmp_path / "run" / "activations" / HOOK / "metadata.json").unlink()  # an interrupted harvest
+    train = activations_dir(tmp_path / "run", "tiny-model", "train")
+    (train / HOOK / "metadata.json").unlink()  # an interrupted harvest
     path = export_run(tmp_path / "run", tmp_path / "out", "tiny-doubled", doubled=True)
     entry = yaml.safe_load(path.read_text())["tiny-doubled"]
     assert "no activations were given" in path.read_text() and "conversion_func" not in entry

@@ -137,8 +137,8 @@ def test_folder_that_is_not_an_sae(tmp_path):
         (lambda c: c.update(architecture="no_such_arch"), ValueError, "not registered"),
         (lambda c: c.update(extra_field=1), ValueError, "Unknown config field"),
         (lambda c: c.pop("d_sae"), ValueError, "missing required field"),
-        (lambda c: c.update(d_in="8"), TypeError, "'d_in' should be int"),
-        (lambda c: c.update(tied="yes"), TypeError, "'tied' should be bool"),
+        (lambda c: c.update(d_in="8"), ValueError, "'d_in' should be int"),
+        (lambda c: c.update(tied="yes"), ValueError, "'tied' should be bool"),
         # a cfg.json from another architecture over SA-GSAE weights
         (
             lambda c: [c.update(architecture="gated"), c.pop("tied"), c.pop("two_sided")],

@@ -17,8 +17,7 @@ from analyses.report import collect, page, render, render_sweep, write
 from analyses.report.circuits import BOOT_JS, bundle, csp_hash, script_json
 from analyses.report.layout import Card, Example, Match, Report, SAESection
 from analyses.steering import Dial, DialPoint
-from sign_sae.pipeline import RunConfig, SAESpec, evaluate_run, prepare, train_saes
-from sign_sae.training import TrainConfig
+from sign_sae.runs import Source, SweepConfig, run_sweep
 
 HOSTILE = [
     "</script><img src=x onerror=alert(1)>",
@@ -205,20 +204,23 @@ def test_write_is_atomic(tmp_path, monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def tiny_run(model, tmp_path_factory):
     """A real run on SmolLM2: a small SA-GSAE and a Gated SAE on mid-layer MLP-out."""
-    cfg = RunConfig(
+    cfg = SweepConfig(
         out_dir=str(tmp_path_factory.mktemp("report_run")),
-        context_size=32,
-        train_tokens=32 * 64,
-        eval_tokens=32 * 4,
-        saes=[
-            SAESpec("sa", "sa_gsae", width=64, sparsity=3.0),
-            SAESpec("gated", "gated", width=128, sparsity=3.0),
+        data={
+            "hooks": ["mlp_out"],
+            "context_size": 32,
+            "train_tokens": 32 * 64,
+            "eval_tokens": 32 * 4,
+            "ce_tokens": 32 * 4,
+        },
+        h_expansion=64 / 576,
+        train={"total_steps": 40, "batch_size": 256, "lr": 2e-3, "log_every": 20},
+        grid=[
+            {"label": "sa", "arch": "sa_gsae", "sparsity": [3.0]},
+            {"label": "gated", "arch": "gated", "width": 2, "sparsity": [3.0]},
         ],
-        train=TrainConfig(total_steps=40, batch_size=256, lr=2e-3, log_every=20),
     )
-    model, hook, acts, eval_tokens = prepare(cfg, model=model)
-    train_saes(cfg, model, hook, acts)
-    evaluate_run(cfg, model, eval_tokens)
+    run_sweep(cfg, source=Source(cfg.data, {"smollm2-135m": model}), progress=False)
     return cfg
 
 
@@ -237,11 +239,14 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
     assert props and all(p["props"]["tokens"] for p in props.values())
     # a non-negative SAE's dashboards show the latents matching the signed ones' directions
     report = collect(run, model, latents={"sa": [0]}, n_tokens=32 * 4, alphas=())
+    # the metrics table: the run's rows under the names of its sections
+    assert [(r["name"], r["d_sae"]) for r in report.rows] == [("sa", 64), ("gated", 128)]
+    assert all(r["r2"] > 0 and r["train_s"] > 0 for r in report.rows)
     gated = report.saes[1]
     sa_matches = [m.latent for m in report.saes[0].cards[0].matches]
     assert [c.latent for c in gated.cards] == sa_matches
     assert all(c.dial is None for c in gated.cards)
     with pytest.raises(ValueError, match="out of range"):
         collect(run, model, latents=[10_000], n_tokens=32 * 4, alphas=())
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no sweep.yaml"):
         render(tmp_path, tmp_path / "x.html", model=model)

@@ -13,7 +13,7 @@ from sign_sae.synthetic import (
     fraction_recovered,
     signed_coverage,
 )
-from sign_sae.training import TensorBatches, TrainConfig, train
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 STEPS, WIDTH = 800, 72  # 48 bipolar + 24 one-sign directions in d = 96
 

@@ -34,10 +34,10 @@ def render(
 ) -> Path:
     """Write the HTML report of the run folder ``run_dir`` to ``out_path``; returns its path.
 
-    ``model``: the run's model (loaded from ``config.json`` when None). ``latents``: ids shown for
-    every SAE, or ``{sae name: ids}``; by default the ``n_latents`` latents of largest
-    minority-sign mass, and for a non-negative SAE beside a signed one the latents matching the
-    signed ones' +d and -d. ``saes``: which SAEs of the run (default all trained ones).
+    ``model``: the run's model (loaded by the name its runs record when None). ``latents``: ids
+    shown for every SAE, or ``{sae name: ids}`` (names: ``sign_sae.runs.short_names``); by
+    default the ``n_latents`` latents of largest minority-sign mass, and for a non-negative SAE
+    beside a signed one the latents matching the signed ones' +d and -d. ``saes``: which SAEs of the run (default all trained ones).
     ``n_tokens`` held-out tokens feed the census and the examples (``n_examples`` per sign per
     latent); the steering dial runs ``alphas`` (in typical firings of the latent) on the first
     ``n_prompts`` eval rows cut to ``prompt_len`` tokens (empty ``alphas``: no dials).

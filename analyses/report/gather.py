@@ -5,9 +5,9 @@ Each hook is read once (one forward pass over the eval tokens to the hook's laye
 that hook is encoded from the same activations.
 """
 
-import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from analyses.pairs import matching_pair
 from analyses.report.layout import Card, Example, Match, Report, SAESection
 from analyses.stream import hook_activations
 from sign_sae.corpus import load_texts, tokenize
+from sign_sae.errors import SignSAEError
+from sign_sae.evaluate import EvalResult
 from sign_sae.models import load_model
-from sign_sae.pipeline import RunConfig
+from sign_sae.runs import RESULTS_JSON, SWEEP_FILE, load_sweep, read_results, trained_runs
 from sign_sae.storage import load_sae
-from sign_sae.sweep import read_results
 
 DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
@@ -29,6 +30,8 @@ WINDOW = (12, 4)  # tokens shown before and after each top activation
 LENS_TOKENS = 8
 
 Latents = Sequence[int] | Mapping[str, Sequence[int]]
+# The columns of a run's results rows that the report's table reads.
+_ROW_KEYS = [f.name for f in fields(EvalResult)] + ["train_s", "steps"]
 
 
 def collect(
@@ -46,26 +49,26 @@ def collect(
 ) -> Report:
     """The ``Report`` of a run folder (see ``analyses.report.render`` for the arguments)."""
     run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
+    if not (run / SWEEP_FILE).is_file():
         raise FileNotFoundError(
-            f"{run} is not a run folder: no config.json (see `sign-sae train`)."
+            f"{run} is not a run folder: no {SWEEP_FILE} (see `sign-sae train`)."
         )
-    cfg = RunConfig.load(cfg_path)
-    names = _sae_names(run, cfg, saes)
+    data = load_sweep(run).data
+    found = _trained(run, saes)
     if not 1 <= n_examples <= polarity.MAX_TOP_EXAMPLES:
-        raise ValueError(
+        raise SignSAEError(
             f"n_examples must be in [1, {polarity.MAX_TOP_EXAMPLES}], got {n_examples}."
         )
     if n_latents < 0:
-        raise ValueError(f"n_latents must be >= 0, got {n_latents}.")
-    loaded = {name: load_sae(run / name / "sae") for name in names}
+        raise SignSAEError(f"n_latents must be >= 0, got {n_latents}.")
+    loaded = {name: load_sae(run / record["folder"] / "sae") for name, record in found.items()}
     hooks = {name: sae.cfg.metadata.hook_name for name, sae in loaded.items()}
     unhooked = [name for name, hook in hooks.items() if not hook]
     if unhooked:
-        raise ValueError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
-    model = model if model is not None else load_model(cfg.model)
-    tokens = tokenize(model, load_texts(cfg.text, "eval"), cfg.context_size, n_tokens)
+        raise SignSAEError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
+    model_name = next(iter(found.values()))["model"]
+    model = model if model is not None else load_model(model_name)
+    tokens = tokenize(model, load_texts(data.text, "eval"), data.context_size, n_tokens)
     acts = {
         hook: torch.cat(list(hook_activations(model, tokens, hook, batch_size)))
         for hook in dict.fromkeys(hooks.values())
@@ -84,39 +87,16 @@ def collect(
     chosen = _selection(loaded, censuses, hooks, signed, latents, n_latents)
     prompts = tokens[:n_prompts, :prompt_len]
     words: dict[int, str] = {}
-    sections = []
-    for name, sae in loaded.items():
-        ids = chosen[name]
-        others = [o for o in loaded if o != name and hooks[o] == hooks[name]]
-        cards = []
-        for i in ids[:MAX_CARDS]:
-            card = _card(
-                model, sae, censuses[name], acts[hooks[name]], tokens, i, alphas, prompts, words
-            )
-            card.matches = [
-                m for o in others for m in _matches(sae, i, signed[name], o, loaded[o], signed[o])
-            ]
-            cards.append(card)
-        sections.append(
-            SAESection(
-                name=name,
-                architecture=sae.cfg.architecture(),
-                hook=hooks[name],
-                d_in=sae.cfg.d_in,
-                d_sae=sae.cfg.d_sae,
-                params=[(n, tuple(p.shape)) for n, p in sae.named_parameters()],
-                census=censuses[name],
-                cards=cards,
-                n_cut=max(len(ids) - MAX_CARDS, 0),
-            )
-        )
-    results = run / "results.json"
-    rows = json.loads(results.read_text()) if results.is_file() else []
-    rows = [r for r in rows if r.get("name") in loaded]
+    sections = [
+        _section(name, loaded, hooks, signed, censuses[name], acts, tokens, chosen[name], words,
+                 (model, alphas, prompts))
+        for name in loaded
+    ]  # fmt: skip
+    rows = _result_rows(run, found)
     facts = [
-        ("model", cfg.model),
+        ("model", model_name),
         ("hooks", ", ".join(dict.fromkeys(hooks.values()))),
-        ("held-out text", cfg.text),
+        ("held-out text", data.text),
         ("tokens analysed", f"{sections[0].census.n_tokens:,} (BOS excluded)"),
     ]
     if alphas:
@@ -128,27 +108,84 @@ def collect(
     )
 
 
+def _section(
+    name: str,
+    loaded: dict[str, Any],
+    hooks: dict[str, str],
+    signed: dict[str, bool],
+    census: Any,
+    acts: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    ids: list[int],
+    words: dict[int, str],
+    steer: tuple[Any, Sequence[float], torch.Tensor],
+) -> SAESection:
+    """One SAE's section: its census and a card per chosen latent, with the latent's matches in
+    the other SAEs on the same hook. ``steer`` = (model, alphas, prompts)."""
+    model, alphas, prompts = steer
+    sae, hook = loaded[name], hooks[name]
+    others = [o for o in loaded if o != name and hooks[o] == hook]
+    cards = []
+    for i in ids[:MAX_CARDS]:
+        card = _card(model, sae, census, acts[hook], tokens, i, alphas, prompts, words)
+        card.matches = [
+            m for o in others for m in _matches(sae, i, signed[name], o, loaded[o], signed[o])
+        ]
+        cards.append(card)
+    return SAESection(
+        name=name,
+        architecture=sae.cfg.architecture(),
+        hook=hook,
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        params=[(n, tuple(p.shape)) for n, p in sae.named_parameters()],
+        census=census,
+        cards=cards,
+        n_cut=max(len(ids) - MAX_CARDS, 0),
+    )
+
+
+def _result_rows(run: Path, found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results-table rows of the report's SAEs (none without results.json)."""
+    results = run / RESULTS_JSON
+    by_hash = {r["config_hash"]: r for r in read_results(results)} if results.is_file() else {}
+    return [
+        {"name": name, **{k: row[k] for k in _ROW_KEYS if k in row}}
+        for name, record in found.items()
+        if (row := by_hash.get(record["config_hash"])) is not None
+    ]
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Result rows of a results table (``sign_sae.sweep.read_results``: JSON or CSV, numbers
+    """Result rows of a results table (``sign_sae.runs.read_results``: JSON or CSV, numbers
     parsed, empty cells None); a JSON object holding ``rows`` is accepted too."""
     path = Path(path)
     rows: Any = read_results(path)
     if isinstance(rows, dict):
         rows = rows.get("rows")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path} must hold a list of result rows (objects with r2, l0, ...).")
+        raise SignSAEError(f"{path} must hold a list of result rows (objects with r2, l0, ...).")
     return rows
 
 
-def _sae_names(run: Path, cfg: RunConfig, wanted: Sequence[str] | None) -> list[str]:
-    trained = [s.name for s in cfg.saes if (run / s.name / "sae" / "cfg.json").is_file()]
+def _trained(run: Path, wanted: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """The run records of the SAEs to report, by name (``sign_sae.runs.trained_runs``): all
+    trained ones or ``wanted``, all of one model."""
+    trained = trained_runs(run)
     if wanted is not None:
         missing = [n for n in wanted if n not in trained]
         if missing:
-            raise ValueError(f"No trained SAE named {missing} in {run}; trained: {trained}.")
-        trained = list(wanted)
+            raise SignSAEError(
+                f"No trained SAE named {missing} in {run}; trained: {list(trained)}."
+            )
+        trained = {n: trained[n] for n in wanted}
     if not trained:
-        raise FileNotFoundError(f"{run} holds no trained SAE (<name>/sae/cfg.json); train first.")
+        raise FileNotFoundError(f"{run} holds no trained SAE (runs/.../train.json); train first.")
+    models = sorted({r["model"] for r in trained.values()})
+    if len(models) > 1:
+        raise SignSAEError(
+            f"A report reads one model; {run} has SAEs of {models}: choose them with saes=[...]."
+        )
     return trained
 
 
@@ -167,7 +204,7 @@ def _selection(
     if isinstance(latents, Mapping):
         unknown = sorted(set(latents) - set(loaded))
         if unknown:
-            raise ValueError(
+            raise SignSAEError(
                 f"latents names unknown SAEs {unknown}; the report has {list(loaded)}."
             )
         given = dict(latents)
@@ -178,7 +215,7 @@ def _selection(
         d_sae = loaded[name].cfg.d_sae
         bad = [i for i in ids if not 0 <= int(i) < d_sae]
         if bad:
-            raise ValueError(f"Latents {bad} are out of range for {name!r} (d_sae = {d_sae}).")
+            raise SignSAEError(f"Latents {bad} are out of range for {name!r} (d_sae = {d_sae}).")
         chosen[name] = [int(i) for i in dict.fromkeys(ids)]
     for name in loaded:
         if name not in chosen and signed[name]:

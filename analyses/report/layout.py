@@ -13,13 +13,14 @@ from importlib.resources import files
 from string import Template
 from typing import Any
 
+import analyses.report.plots as plots
 from analyses import concentration
+from analyses.frontier import pareto
 from analyses.logit_lens import LogitLens
 from analyses.polarity import PolarityCensus
-from analyses.report import plots
 from analyses.report.circuits import BOOT_JS, Components, bundle, content_security_policy
 from analyses.steering import Dial
-from sign_sae.pipeline import COLUMNS
+from sign_sae.runs import SUMMARY
 
 THRESHOLDS = [i / 40 for i in range(21)]  # balance thresholds 0, 0.025, ..., 0.5
 MAX_TABLE_ROWS = 2000
@@ -159,8 +160,8 @@ def _header(report: Report) -> str:
 def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     """The preferred result columns that are present, then any other (sweep) columns."""
     present = {k for r in rows for k in r}
-    cols = [(c, f) for c, f in COLUMNS if c in present]
-    known = {c for c, _ in COLUMNS} | _DETAIL_COLUMNS
+    cols = [(c, f) for c, f in SUMMARY if c in present]
+    known = {c for c, _ in SUMMARY} | _DETAIL_COLUMNS
     extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in known]
     return cols + [(k, "{:.4g}") for k in extra]
 
@@ -255,24 +256,15 @@ def _frontier(rows: list[dict[str, Any]]) -> str | None:
                 labels=labels,
             )
         )
-        front = _pareto([(r["l0"], r["r2"]) for r in rs])
+        front = pareto(rs, key=lambda r: (r["l0"], r["r2"]))
         if len(front) > 1:
-            series.append(plots.Series("", [p[0] for p in front], [p[1] for p in front], col))
+            series.append(plots.Series("", [r["l0"] for r in front], [r["r2"] for r in front], col))
     xlog = all(r["l0"] > 0 for r in usable) and max(r["l0"] for r in usable) > 20 * min(
         r["l0"] for r in usable
     )
     return plots.chart(
         series, "R² vs L0 (held out)", "L0 (active latents per token)", "R²", xlog=xlog
     )
-
-
-def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points no other point beats (lower-or-equal L0 with higher R^2), by increasing L0."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or y > front[-1][1]:
-            front.append((x, y))
-    return front
 
 
 def _is_num(v: Any) -> bool:

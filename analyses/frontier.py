@@ -4,8 +4,9 @@ Definitions (docs/results.md states them too):
 
 - A curve is one label (an architecture at a width, e.g. ``sa_gsae_H``) in one cell (model x
   hook). Its points are the sparsity settings: R^2 and L0 averaged over seeds, with the seed
-  spread (min, max) kept. The frontier is the Pareto-efficient subset: sorted by L0, a point is
-  kept when its R^2 is above that of every point of lower L0.
+  spread (min, max) kept. The frontier is the Pareto-efficient subset (``pareto``): sorted by
+  L0, a point is kept when its R^2 is above that of every point of lower L0 (of points with
+  equal L0, only the best).
 - Between frontier points R^2 is interpolated linearly in log L0; outside them it is undefined.
 - Over the overlapping L0 range of two curves, curve A strictly dominates curve B when
   R^2_A(L0) > R^2_B(L0) at every L0 of the overlap. The difference of two such piecewise-linear
@@ -17,19 +18,25 @@ Definitions (docs/results.md states them too):
   dead fraction is floored before any ratio (``dead_floor``; default half a latent of the wider
   SAE, 0.5 / max(d_sae)), since "no dead latent among F" only bounds the rate below 1/F.
 - A run has collapsed when R^2 < 0.1 or its dead fraction > 0.9.
+
+The rows are those of a sweep's results table (``sign_sae.runs``, with the polarity columns of
+``analyses.sweep``); ``format_markdown`` writes the paper's comparison tables from ``analyse``.
 """
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from sign_sae.markdown import markdown_table
 
 GRID_POINTS = 256
 COLLAPSE_R2 = 0.1
 COLLAPSE_DEAD = 0.9
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,15 +64,12 @@ class Curve:
 
     @property
     def frontier(self) -> list[Point]:
-        """Points sorted by L0 whose R^2 beats every point of lower L0."""
-        out: list[Point] = []
-        for p in sorted(self.points, key=lambda p: p.l0):
-            if not out or p.r2 > out[-1].r2:
-                out.append(p)
-        return out
+        """The Pareto points, sorted by L0."""
+        return pareto(self.points, key=lambda p: (p.l0, p.r2))
 
     @property
     def l0_range(self) -> tuple[float, float]:
+        """The L0 span of the frontier."""
         f = self.frontier
         return f[0].l0, f[-1].l0
 
@@ -107,6 +111,19 @@ class CellReport:
     curves: dict[str, Curve]
     comparisons: list[Comparison]
     dead_ratio_sweep: dict[str, float] = field(default_factory=dict)
+
+
+def pareto(items: Iterable[T], key: Callable[[T], tuple[float, float]]) -> list[T]:
+    """The Pareto front of ``items`` by ``key(item) = (L0, R^2)``, sorted by L0: an item is kept
+    when its R^2 is above that of every item of lower L0 (of items with equal L0, the best)."""
+    front: list[T] = []
+    best = -math.inf
+    for item in sorted(items, key=lambda it: (key(it)[0], -key(it)[1])):
+        r2 = key(item)[1]
+        if r2 > best:
+            front.append(item)
+            best = r2
+    return front
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -389,195 +406,187 @@ def _mean(values: Iterable[float]) -> float:
     return sum(vs) / len(vs)
 
 
+# ---- Markdown: the paper's tables ---------------------------------------------------------------
 def format_markdown(result: dict[str, Any]) -> str:
-    """``analyse``'s result as Markdown tables."""
+    """``analyse``'s result as Markdown: one titled table per comparison (optional tables left
+    out when empty)."""
+    sections = [
+        _points_section(result),
+        _comparisons_section(result),
+        _dead_ratio_section(result),
+        _ablations_section(result),
+        _collapsed_section(result),
+        _parameters_section(result),
+        _polarity_section(result),
+    ]
+    return "\n\n".join(s for s in sections if s is not None) + "\n"
+
+
+def _section(title: str, body: str) -> str:
+    return f"### {title}\n\n{body}"
+
+
+def _points_section(result: dict[str, Any]) -> str:
+    head = ["cell", "label", "sparsity", "seeds", "L0", "R^2", "R^2 range", "L0 range", "dead"]
+    rows = [
+        [
+            _cell_name(c),
+            label,
+            f"{p.sparsity:g}",
+            p.n_seeds,
+            f"{p.l0:.1f}",
+            f"{p.r2:.3f}",
+            f"{p.r2_min:.3f} to {p.r2_max:.3f}" if p.n_seeds > 1 else "",
+            f"{p.l0_min:.1f} to {p.l0_max:.1f}" if p.n_seeds > 1 else "",
+            f"{p.dead_fraction:.3f}",
+        ]
+        for c in result["cells"]
+        for label, curve in sorted(c.curves.items())
+        for p in curve.points
+    ]
+    return _section(
+        "Curve points (means over seeds; ranges over seeds)", markdown_table(head, rows)
+    )
+
+
+def _comparisons_section(result: dict[str, Any]) -> str:
     ref = result["reference"]
-    out = ["### Curve points (means over seeds; ranges over seeds)\n"]
-    out.append(
-        _table(
-            ["cell", "label", "sparsity", "seeds", "L0", "R^2", "R^2 range", "L0 range", "dead"],
-            [
-                [
-                    _cell_name(c),
-                    p_label,
-                    f"{p.sparsity:g}",
-                    p.n_seeds,
-                    f"{p.l0:.1f}",
-                    f"{p.r2:.3f}",
-                    f"{p.r2_min:.3f} to {p.r2_max:.3f}" if p.n_seeds > 1 else "",
-                    f"{p.l0_min:.1f} to {p.l0_max:.1f}" if p.n_seeds > 1 else "",
-                    f"{p.dead_fraction:.3f}",
-                ]
-                for c in result["cells"]
-                for p_label, curve in sorted(c.curves.items())
-                for p in curve.points
-            ],
-        )
-    )
-    out.append(f"\n### {ref} against each curve over the overlapping L0 range\n")
-    out.append(
-        _table(
-            [
-                "cell",
-                "vs",
-                "L0 overlap",
-                "dominates",
-                "min gap",
-                "max gap",
-                "L0 mid",
-                f"dead {ref}",
-                "dead other",
-                "dead ratio at mid",
-                "dead ratio (sweep geomean)",
-            ],
-            [
-                [
-                    _cell_name(c),
-                    k.b,
-                    _span(k.overlap),
-                    _yes(k.dominates),
-                    _f(k.min_gap, "+.3f"),
-                    _f(k.max_gap, "+.3f"),
-                    _f(k.l0_mid, ".1f"),
-                    _f(k.dead_a_mid, ".3f"),
-                    _f(k.dead_b_mid, ".3f"),
-                    _f(k.dead_ratio_mid, ".2f"),
-                    _f(c.dead_ratio_sweep.get(k.b), ".2f"),
-                ]
-                for c in result["cells"]
-                for k in c.comparisons
-            ],
-        )
-    )
-    if result["dead_ratio_geomean"]:
-        out.append("\n### Dead-fraction ratio (other / reference), geometric mean over cells\n")
-        out.append(
-            _table(
-                ["vs", "ratio"],
-                [[k, f"{v:.2f}"] for k, v in sorted(result["dead_ratio_geomean"].items())],
-            )
-        )
-    if result["ablations"]:
-        out.append("\n### Ablations (each beside its reference run: same cell, sparsity, seed)\n")
-        out.append(
-            _table(
-                [
-                    "cell",
-                    "ablation",
-                    "of",
-                    "sparsity",
-                    "seed",
-                    "d_sae",
-                    "R^2",
-                    "L0",
-                    "dead",
-                    "CE rec.",
-                    "KL",
-                    "ref R^2",
-                    "ref dead",
-                    "ref CE rec.",
-                    "ref KL",
-                    "abs dR^2",
-                    "collapsed",
-                ],
-                [
-                    [
-                        f"{a['model']} {a['hook']}",
-                        a["label"],
-                        a["reference"],
-                        f"{a['sparsity']:g}",
-                        a["seed"],
-                        a["d_sae"],
-                        f"{a['r2']:.3f}",
-                        f"{a['l0']:.1f}",
-                        f"{a['dead_fraction']:.3f}",
-                        _f(a["ce_loss_recovered"], ".3f"),
-                        _f(a["kl_with_sae"], ".3f"),
-                        _f(a["ref_r2"], ".3f"),
-                        _f(a["ref_dead_fraction"], ".3f"),
-                        _f(a["ref_ce_loss_recovered"], ".3f"),
-                        _f(a["ref_kl_with_sae"], ".3f"),
-                        _f(a["abs_delta_r2"], ".4f"),
-                        _yes(a["collapsed"]),
-                    ]
-                    for a in result["ablations"]
-                ],
-            )
-        )
-    out.append(f"\n### Collapsed runs (R^2 < {COLLAPSE_R2} or dead > {COLLAPSE_DEAD})\n")
-    collapsed_rows = result["collapsed"]
-    out.append(
-        _table(
-            ["cell", "label", "sparsity", "seed", "R^2", "dead"],
-            [
-                [
-                    f"{r['model']} {r['hook']}",
-                    r["label"],
-                    f"{float(r['sparsity']):g}",
-                    r["seed"],
-                    f"{float(r['r2']):.3f}",
-                    f"{float(r['dead_fraction']):.3f}",
-                ]
-                for r in collapsed_rows
-            ],
-        )
-        if collapsed_rows
-        else "none"
-    )
-    out.append("\n### Parameters\n")
-    out.append(
-        _table(
-            ["cell", "label", "architecture", "d_in", "d_sae", "parameters", f"/ {ref}"],
-            [
-                [
-                    f"{p['model']} {p['hook']}",
-                    p["label"],
-                    p["architecture"],
-                    p["d_in"],
-                    p["d_sae"],
-                    f"{p['n_params']:,}",
-                    _f(p["vs_reference"], ".3f"),
-                ]
-                for p in result["parameters"]
-            ],
-        )
-    )
-    if result["polarity"]:
-        out.append("\n### Polarity of the signed runs (held-out census, balance >= 0.1)\n")
-        out.append(
-            _table(
-                [
-                    "cell",
-                    "label",
-                    "sparsity",
-                    "seed",
-                    "L0",
-                    "bipolar",
-                    "bipolar (sign-flip null)",
-                    "top-1 share",
-                    "top-10 share",
-                    "minority mass",
-                ],
-                [
-                    [
-                        f"{p['model']} {p['hook']}",
-                        p["label"],
-                        f"{float(p['sparsity']):g}",
-                        p["seed"],
-                        f"{float(p['l0']):.1f}",
-                        *(_f(_num(p[c]), ".3f") for c in POLARITY_COLUMNS),
-                    ]
-                    for p in result["polarity"]
-                ],
-            )
-        )
-    return "\n".join(out) + "\n"
+    head = [
+        "cell", "vs", "L0 overlap", "dominates", "min gap", "max gap", "L0 mid", f"dead {ref}",
+        "dead other", "dead ratio at mid", "dead ratio (sweep geomean)",
+    ]  # fmt: skip
+    rows = [
+        [
+            _cell_name(c),
+            k.b,
+            _span(k.overlap),
+            _yes(k.dominates),
+            _f(k.min_gap, "+.3f"),
+            _f(k.max_gap, "+.3f"),
+            _f(k.l0_mid, ".1f"),
+            _f(k.dead_a_mid, ".3f"),
+            _f(k.dead_b_mid, ".3f"),
+            _f(k.dead_ratio_mid, ".2f"),
+            _f(c.dead_ratio_sweep.get(k.b), ".2f"),
+        ]
+        for c in result["cells"]
+        for k in c.comparisons
+    ]
+    title = f"{ref} against each curve over the overlapping L0 range"
+    return _section(title, markdown_table(head, rows))
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+def _dead_ratio_section(result: dict[str, Any]) -> str | None:
+    ratios = result["dead_ratio_geomean"]
+    if not ratios:
+        return None
+    rows = [[k, f"{v:.2f}"] for k, v in sorted(ratios.items())]
+    return _section(
+        "Dead-fraction ratio (other / reference), geometric mean over cells",
+        markdown_table(["vs", "ratio"], rows),
+    )
+
+
+def _ablations_section(result: dict[str, Any]) -> str | None:
+    if not result["ablations"]:
+        return None
+    head = [
+        "cell", "ablation", "of", "sparsity", "seed", "d_sae", "R^2", "L0", "dead", "CE rec.",
+        "KL", "ref R^2", "ref dead", "ref CE rec.", "ref KL", "abs dR^2", "collapsed",
+    ]  # fmt: skip
+    rows = [
+        [
+            f"{a['model']} {a['hook']}",
+            a["label"],
+            a["reference"],
+            f"{a['sparsity']:g}",
+            a["seed"],
+            a["d_sae"],
+            f"{a['r2']:.3f}",
+            f"{a['l0']:.1f}",
+            f"{a['dead_fraction']:.3f}",
+            _f(a["ce_loss_recovered"], ".3f"),
+            _f(a["kl_with_sae"], ".3f"),
+            _f(a["ref_r2"], ".3f"),
+            _f(a["ref_dead_fraction"], ".3f"),
+            _f(a["ref_ce_loss_recovered"], ".3f"),
+            _f(a["ref_kl_with_sae"], ".3f"),
+            _f(a["abs_delta_r2"], ".4f"),
+            _yes(a["collapsed"]),
+        ]
+        for a in result["ablations"]
+    ]
+    return _section(
+        "Ablations (each beside its reference run: same cell, sparsity, seed)",
+        markdown_table(head, rows),
+    )
+
+
+def _collapsed_section(result: dict[str, Any]) -> str:
+    head = ["cell", "label", "sparsity", "seed", "R^2", "dead"]
+    rows = [
+        [
+            f"{r['model']} {r['hook']}",
+            r["label"],
+            f"{float(r['sparsity']):g}",
+            r["seed"],
+            f"{float(r['r2']):.3f}",
+            f"{float(r['dead_fraction']):.3f}",
+        ]
+        for r in result["collapsed"]
+    ]
+    return _section(
+        f"Collapsed runs (R^2 < {COLLAPSE_R2} or dead > {COLLAPSE_DEAD})",
+        markdown_table(head, rows) if rows else "none",
+    )
+
+
+def _parameters_section(result: dict[str, Any]) -> str:
+    head = [
+        "cell",
+        "label",
+        "architecture",
+        "d_in",
+        "d_sae",
+        "parameters",
+        f"/ {result['reference']}",
+    ]
+    rows = [
+        [
+            f"{p['model']} {p['hook']}",
+            p["label"],
+            p["architecture"],
+            p["d_in"],
+            p["d_sae"],
+            f"{p['n_params']:,}",
+            _f(p["vs_reference"], ".3f"),
+        ]
+        for p in result["parameters"]
+    ]
+    return _section("Parameters", markdown_table(head, rows))
+
+
+def _polarity_section(result: dict[str, Any]) -> str | None:
+    if not result["polarity"]:
+        return None
+    head = [
+        "cell", "label", "sparsity", "seed", "L0", "bipolar", "bipolar (sign-flip null)",
+        "top-1 share", "top-10 share", "minority mass",
+    ]  # fmt: skip
+    rows = [
+        [
+            f"{p['model']} {p['hook']}",
+            p["label"],
+            f"{float(p['sparsity']):g}",
+            p["seed"],
+            f"{float(p['l0']):.1f}",
+            *(_f(_num(p[c]), ".3f") for c in POLARITY_COLUMNS),
+        ]
+        for p in result["polarity"]
+    ]
+    return _section(
+        "Polarity of the signed runs (held-out census, balance >= 0.1)", markdown_table(head, rows)
+    )
 
 
 def _cell_name(c: CellReport) -> str:
