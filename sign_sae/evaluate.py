@@ -20,7 +20,7 @@ f != 0 (docs/metrics.md).
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from sign_sae.architectures import parameter_count
 from sign_sae.errors import SignSAEError
-from sign_sae.metrics import LatentStats, ReconstructionStats, bipolar_fraction
+from sign_sae.metrics import LatentStats, ReconstructionStats, SequenceStats, bipolar_fraction
 from sign_sae.models import validate_hook
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -54,9 +54,12 @@ class EvalResult:
     ce_zero_ablation: float
     ce_loss_recovered: float
     kl_with_sae: float  # mean over positions of KL(clean || with SAE)
+    # per-sequence sums behind r2 and l0, for paired bootstrap intervals (not a table column)
+    sequences: SequenceStats | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The table columns (every field but ``sequences``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sequences"}
 
 
 class HeldOut:
@@ -99,12 +102,15 @@ class HeldOut:
         hook = hook or sae.cfg.metadata.hook_name
         if hook not in self.acts:
             raise SignSAEError(f"No held-out activations at {hook!r}; have {sorted(self.acts)}.")
-        latents, recon = LatentStats(sae.cfg.d_sae), ReconstructionStats()
-        for x in self.acts[hook].split(_ENCODE_ROWS):
+        latents, recon, sequences = LatentStats(sae.cfg.d_sae), ReconstructionStats(), []
+        per_seq = self.tokens.shape[1] - 1  # rows of one sequence (BOS dropped)
+        for x in self.acts[hook].split(per_seq * max(1, _ENCODE_ROWS // per_seq)):
             x = x.to(sae.device, sae.dtype)
             feats = sae.encode(x)
+            x_hat = sae.decode(feats)
             latents.update(feats)
-            recon.update(x, sae.decode(feats))
+            recon.update(x, x_hat)
+            sequences.append(SequenceStats.of(x, x_hat, feats, per_seq))
         clean = self._clean_pass()
         ce_sae = kl = 0.0
         for i, batch in enumerate(self._batches()):
@@ -132,6 +138,7 @@ class HeldOut:
             ce_zero_ablation=ce_zero,
             ce_loss_recovered=(ce_zero - ce_sae) / gap if gap > 0 else float("nan"),
             kl_with_sae=kl / n,
+            sequences=SequenceStats.cat(sequences),
         )
 
     def _batches(self) -> list[torch.Tensor]:

@@ -115,5 +115,67 @@ class ReconstructionStats:
     def explained_variance(self) -> float:
         if self.sum_x is None:
             return float("nan")
-        total = self.sum_sq_x - self.sum_x.pow(2).sum().item() / self.n_tokens
-        return 1.0 - self.sq_error / total if total > 0 else float("nan")
+        return _explained(self.sq_error, self.sum_sq_x, self.sum_x, self.n_tokens)
+
+
+def _explained(sq_error: float, sum_sq_x: float, sum_x: torch.Tensor, n: float) -> float:
+    """R^2 around the mean from sums: 1 - SSE / (sum ||x||^2 - ||sum x||^2 / n)."""
+    total = sum_sq_x - sum_x.pow(2).sum().item() / n
+    return 1.0 - sq_error / total if total > 0 else float("nan")
+
+
+@dataclass
+class SequenceStats:
+    """Per held-out sequence sums of one SAE's reconstruction and firing (float64), so that R^2
+    and L0 can be recomputed for any reweighting of the sequences: a paired bootstrap draws one
+    weight vector (counts) and applies it to every SAE evaluated on the same sequences."""
+
+    sq_error: torch.Tensor  # [n_seq] sum over tokens of ||x - x_hat||^2
+    sum_sq_x: torch.Tensor  # [n_seq] sum over tokens of ||x||^2
+    sum_x: torch.Tensor  # [n_seq, d_in] sum over tokens of x
+    active: torch.Tensor  # [n_seq] number of (token, latent) pairs with f != 0
+    n_tokens: torch.Tensor  # [n_seq]
+
+    @classmethod
+    @torch.no_grad()
+    def of(
+        cls, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, rows_per_seq: int
+    ) -> "SequenceStats":
+        """From whole sequences of rows ``x``, ``x_hat`` ``[n_seq * rows_per_seq, d]`` and
+        latents ``f``."""
+        x, x_hat = (t.detach().to(torch.float64).cpu() for t in (x, x_hat))
+        n_seq = x.shape[0] // rows_per_seq
+        if n_seq * rows_per_seq != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} rows are not whole sequences of {rows_per_seq}.")
+        seq = lambda t: t.reshape(n_seq, rows_per_seq, *t.shape[1:])  # noqa: E731
+        return cls(
+            sq_error=seq((x - x_hat).pow(2).sum(-1)).sum(1),
+            sum_sq_x=seq(x.pow(2).sum(-1)).sum(1),
+            sum_x=seq(x).sum(1),
+            active=seq((f != 0).sum(-1).cpu().to(torch.float64)).sum(1),
+            n_tokens=torch.full((n_seq,), float(rows_per_seq), dtype=torch.float64),
+        )
+
+    @classmethod
+    def cat(cls, parts: list["SequenceStats"]) -> "SequenceStats":
+        """The sequences of every part, in order."""
+        return cls(*(torch.cat([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__))
+
+    def r2(self, weights: torch.Tensor | None = None) -> float:
+        """R^2 around the mean over the sequences, each counted ``weights[i]`` times."""
+        w = self._weights(weights)
+        return _explained(
+            float(w @ self.sq_error),
+            float(w @ self.sum_sq_x),
+            w @ self.sum_x,
+            float(w @ self.n_tokens),
+        )
+
+    def l0(self, weights: torch.Tensor | None = None) -> float:
+        """Mean number of latents with f != 0 per token, sequences weighted as in ``r2``."""
+        w = self._weights(weights)
+        return float(w @ self.active) / float(w @ self.n_tokens)
+
+    def _weights(self, weights: torch.Tensor | None) -> torch.Tensor:
+        n = self.n_tokens.shape[0]
+        return torch.ones(n, dtype=torch.float64) if weights is None else weights.to(torch.float64)

@@ -106,6 +106,10 @@ def test_shared_passes_give_the_reference_metrics(tiny, sae, tokens, cached):
     assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-6, nan_ok=True)
     assert got["n_tokens"] == 6 * (CONTEXT - 1) and held.n_ce_tokens == 6 * (CONTEXT - 2)
     assert got["hook"] == HOOK and got["d_sae"] == 24 and got["architecture"] == "sa_gsae"
+    sequences = held.evaluate(sae).sequences  # the per-sequence sums behind r2 and l0
+    assert sequences.n_tokens.tolist() == [CONTEXT - 1] * 6 and "sequences" not in got
+    assert sequences.r2() == pytest.approx(got["r2"], rel=1e-9)
+    assert sequences.l0() == pytest.approx(got["l0"], rel=1e-9)
 
 
 def test_ce_and_kl_read_the_first_ce_rows_and_the_rest_all_rows(tiny, sae, tokens):

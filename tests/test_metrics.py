@@ -7,6 +7,7 @@ from sign_sae.metrics import (
     BIPOLAR_BALANCE,
     LatentStats,
     ReconstructionStats,
+    SequenceStats,
     balance,
     bipolar_fraction,
     explained_variance,
@@ -59,3 +60,30 @@ def test_bipolar_fraction_counts_alive_latents_at_the_one_cut_off():
     assert bipolar_fraction(stats) == pytest.approx(1 / 3)  # of the 3 alive latents
     assert bipolar_fraction(stats, threshold=0.05) == pytest.approx(2 / 3)
     assert bipolar_fraction(LatentStats(4)) == 0.0  # none alive
+
+
+def test_sequence_stats_reweight_sequences_like_duplicating_them():
+    """R^2 and L0 from per-sequence sums equal the direct metrics, and a weight of k on a
+    sequence equals repeating it k times (what a bootstrap draw means)."""
+    g = torch.Generator().manual_seed(0)
+    n_seq, rows, d = 5, 7, 6
+    x = torch.randn(n_seq * rows, d, generator=g) * 2 + 1
+    x_hat = x + 0.3 * torch.randn(x.shape, generator=g)
+    f = torch.randn(n_seq * rows, 9, generator=g) * (torch.rand(n_seq * rows, 9, generator=g) < 0.3)
+    stats = SequenceStats.cat(
+        [
+            SequenceStats.of(x[:14], x_hat[:14], f[:14], rows),
+            SequenceStats.of(x[14:], x_hat[14:], f[14:], rows),
+        ]
+    )
+    assert stats.r2() == pytest.approx(explained_variance(x, x_hat), rel=1e-12)
+    assert stats.l0() == pytest.approx(l0(f), rel=1e-6)  # l0() averages in float32
+    w = torch.tensor([0, 3, 1, 0, 1])
+    keep = torch.cat(
+        [torch.arange(i * rows, (i + 1) * rows) for i in range(n_seq) for _ in range(int(w[i]))]
+    )
+    assert stats.r2(w) == pytest.approx(explained_variance(x[keep], x_hat[keep]), rel=1e-12)
+    assert stats.l0(w) == pytest.approx(l0(f[keep]), rel=1e-6)
+    assert stats.r2(w) != pytest.approx(stats.r2())
+    with pytest.raises(ValueError, match="whole sequences"):
+        SequenceStats.of(x[:10], x_hat[:10], f[:10], rows)

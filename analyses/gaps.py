@@ -1,0 +1,144 @@
+"""R^2 gaps between two frontiers, under two interpolations, with paired bootstrap intervals.
+
+A curve here maps each sparsity setting to the held-out ``SequenceStats`` of its seeds (every
+run evaluated on the same held-out sequences). Its points are R^2 and L0 averaged over seeds;
+its frontier is their Pareto front (``analyses.frontier.pareto``). Between frontier points R^2 is
+interpolated in log L0, either linearly (``log_linear``) or by a monotone cubic (``pchip``,
+scipy's PchipInterpolator), and is undefined outside them. The gap of A over B is
+R^2_A(L0) - R^2_B(L0) over the overlap of their L0 ranges, checked at both ends, every
+breakpoint inside and ``GRID_POINTS`` log-spaced L0 values; ``min_gap`` and ``max_gap`` are its
+extremes.
+
+The interval combines the two sources of noise a reader cares about:
+
+- held-out text: each draw reweights the held-out sequences by multinomial counts, the same
+  counts for every run of both curves (paired: both SAEs see the same resampled text);
+- training seed: each draw resamples, per sparsity setting, its seeds with replacement.
+
+The percentile interval of ``min_gap`` (and of ``max_gap``) over the draws gives the verdict:
+A dominates B when the lower bound of ``min_gap`` is above 0, B dominates A when the upper bound
+of ``max_gap`` is below 0, and otherwise the two match within the interval.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.interpolate import PchipInterpolator
+
+from analyses.frontier import pareto
+from sign_sae.metrics import SequenceStats
+
+INTERPOLATIONS = ("log_linear", "pchip")
+GRID_POINTS = 256
+
+Curve = Mapping[float, Sequence[SequenceStats]]  # sparsity setting -> one entry per seed
+
+
+@dataclass
+class Gap:
+    """The gap of ``a`` over ``b`` under one interpolation, with bootstrap intervals."""
+
+    a: str
+    b: str
+    interpolation: str
+    overlap: tuple[float, float] | None
+    min_gap: float  # point estimate, NaN without overlap
+    max_gap: float
+    min_gap_ci: tuple[float, float]
+    max_gap_ci: tuple[float, float]
+    n_boot: int  # draws with an overlap (the interval's sample)
+
+    @property
+    def verdict(self) -> str:
+        """``dominates`` (a over b), ``dominated`` (b over a), ``matches`` or ``no overlap``."""
+        if self.overlap is None or not self.n_boot:
+            return "no overlap"
+        if self.min_gap_ci[0] > 0:
+            return "dominates"
+        if self.max_gap_ci[1] < 0:
+            return "dominated"
+        return "matches"
+
+
+def frontier_points(curve: Curve, weights: torch.Tensor | None = None,
+                    seeds: Mapping[float, Sequence[int]] | None = None) -> list[tuple[float, float]]:  # fmt: skip
+    """The Pareto frontier ``[(L0, R^2)]`` of a curve: per setting the mean over its seeds
+    (``seeds`` picks which, with repeats), every run's sequences weighted by ``weights``."""
+    points = []
+    for setting, runs in curve.items():
+        chosen = [runs[i] for i in seeds[setting]] if seeds is not None else list(runs)
+        l0 = sum(r.l0(weights) for r in chosen) / len(chosen)
+        r2 = sum(r.r2(weights) for r in chosen) / len(chosen)
+        points.append((l0, r2))
+    return pareto(points, key=lambda p: p)
+
+
+def gap_range(
+    a: list[tuple[float, float]], b: list[tuple[float, float]], interpolation: str
+) -> tuple[tuple[float, float] | None, float, float]:
+    """(overlap, min gap, max gap) of frontier ``a`` over frontier ``b``."""
+    lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
+    if lo > hi:
+        return None, math.nan, math.nan
+    xs = {lo, hi, *(x for x, _ in a + b if lo <= x <= hi)}
+    if hi > lo:
+        xs.update(np.exp(np.linspace(math.log(lo), math.log(hi), GRID_POINTS)).tolist())
+    x = np.array(sorted(xs))
+    gaps = _r2(a, x, interpolation) - _r2(b, x, interpolation)
+    return (lo, hi), float(gaps.min()), float(gaps.max())
+
+
+def _r2(frontier: list[tuple[float, float]], x: np.ndarray, interpolation: str) -> np.ndarray:
+    """R^2 of a frontier at L0 values inside its range (clipped to it against rounding)."""
+    lx = np.log([p[0] for p in frontier])
+    ys = np.array([p[1] for p in frontier])
+    t = np.clip(np.log(x), lx[0], lx[-1])
+    if len(frontier) == 1:
+        return np.full_like(t, ys[0])
+    if interpolation == "log_linear":
+        return np.interp(t, lx, ys)
+    if interpolation == "pchip":
+        return PchipInterpolator(lx, ys)(t)
+    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+
+
+def bootstrap_gap(
+    a: Curve,
+    b: Curve,
+    names: tuple[str, str] = ("a", "b"),
+    interpolation: str = "log_linear",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Gap:
+    """The gap of curve ``a`` over curve ``b`` with paired bootstrap intervals (module doc)."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    n_seq = {s.n_tokens.shape[0] for c in (a, b) for runs in c.values() for s in runs}
+    if len(n_seq) != 1:
+        raise ValueError(f"Every run must be evaluated on the same sequences; got {sorted(n_seq)}.")
+    (n,) = n_seq
+    overlap, min_gap, max_gap = gap_range(frontier_points(a), frontier_points(b), interpolation)
+    g = torch.Generator().manual_seed(seed)
+    mins, maxs = [], []
+    for _ in range(n_boot):
+        w = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n)
+        span, lo, hi = gap_range(
+            frontier_points(a, w, _draw_seeds(a, g)),
+            frontier_points(b, w, _draw_seeds(b, g)),
+            interpolation,
+        )
+        if span is not None:
+            mins.append(lo)
+            maxs.append(hi)
+    tail = 100 * (1 - level) / 2
+    ci = lambda v: tuple(np.percentile(v, [tail, 100 - tail]).tolist()) if v else (math.nan,) * 2  # noqa: E731
+    return Gap(*names, interpolation, overlap, min_gap, max_gap, ci(mins), ci(maxs), len(mins))
+
+
+def _draw_seeds(curve: Curve, g: torch.Generator) -> dict[float, list[int]]:
+    """Per setting, its seeds' indices drawn with replacement."""
+    return {s: torch.randint(len(r), (len(r),), generator=g).tolist() for s, r in curve.items()}
