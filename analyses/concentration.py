@@ -54,7 +54,6 @@ def top_latents(census: PolarityCensus, k: Sequence[int] = DEFAULT_K) -> Concent
     order = m.argsort(descending=True, stable=True)
     total = m.sum().item()
     curve = m[order].cumsum(0) / total if total > 0 else torch.full_like(m, float("nan"))
-    total_mass = (census.mass_pos + census.mass_neg).sum().item()
     ks = [int(x) for x in k]
     return Concentration(
         k=ks,
@@ -62,7 +61,7 @@ def top_latents(census: PolarityCensus, k: Sequence[int] = DEFAULT_K) -> Concent
         curve=curve,
         gini=gini(m),
         total_minority_mass=total,
-        minority_fraction=total / total_mass if total_mass > 0 else float("nan"),
+        minority_fraction=census.mass_weighted_bipolarity(),
         top_latents=ids[order[: max(ks, default=0)]],
         n_alive=int(m.numel()),
     )
@@ -87,10 +86,13 @@ def compare(
     threshold: float = BIPOLAR_BALANCE,
 ) -> pd.DataFrame:
     """One row per census (e.g. per hookpoint): L0, dead fraction, bipolar fraction and its
-    sign-flip-null value at ``threshold``, minority fraction, Gini and top-k shares."""
+    sign-flip-null value at ``threshold``, minority fraction, Gini and top-k shares, and the Gini
+    and top-k shares of the sign-flip null (``null_*``): minority mass spread as the latents'
+    total mass is, the control a concentration claim must beat."""
     rows = {}
     for name, c in censuses.items():
         conc = top_latents(c, k)
+        null = top_latents(c.sign_flip_null(), k)
         rows[name] = {
             "d_sae": c.d_sae,
             "n_tokens": c.n_tokens,
@@ -101,6 +103,8 @@ def compare(
             "minority_fraction": conc.minority_fraction,
             "gini": conc.gini,
             **{f"top{x}_share": s for x, s in zip(conc.k, conc.share, strict=True)},
+            "null_gini": null.gini,
+            **{f"null_top{x}_share": s for x, s in zip(null.k, null.share, strict=True)},
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 

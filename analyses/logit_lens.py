@@ -74,6 +74,8 @@ def logit_lens(model: Any, direction: torch.Tensor, k: int = 10) -> LogitLens:
 
 
 def token_strings(model: Any, ids: Sequence[int]) -> list[str]:
-    """Raw decoded text of each token id (the id as text when the model has no tokenizer)."""
+    """Decoded text of each token id (the id as text when the model has no tokenizer); what is
+    not valid Unicode (a lone surrogate from a partial byte sequence) becomes U+FFFD."""
     tok = getattr(model, "tokenizer", None)
-    return [tok.decode([i]) if tok is not None else str(i) for i in ids]
+    texts = [tok.decode([i]) if tok is not None else str(i) for i in ids]
+    return [t.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for t in texts]

@@ -114,6 +114,85 @@ def antipodal_pairs(
     return AntipodalPairs(pairs, sae.cfg.d_sae, n_candidates, n_tokens, cos_threshold, max_cofire)
 
 
+@dataclass(eq=False)
+class Correspondence(Result):
+    """For each of n directions d (e.g. the bipolar latents of a signed SAE), the latents a and b
+    of a non-negative SAE closest to +d and to -d, and whether they form an antipodal pair.
+
+    ``cos_pos[k]`` = cos(d_k, W_dec[a_k]), ``cos_neg[k]`` = cos(-d_k, W_dec[b_k]) (a != b);
+    ``cofire[k]`` = #{f_a != 0 and f_b != 0} / min(#{f_a != 0}, #{f_b != 0}) over the tokens
+    given (NaN without activations). A direction *has a pair* when both cosines are
+    >= ``min_cos`` and (with activations) cofire <= ``max_cofire``: one signed latent doing the
+    job of two non-negative ones.
+    """
+
+    a: torch.Tensor  # [n] int64
+    b: torch.Tensor  # [n] int64
+    cos_pos: torch.Tensor  # [n] float64
+    cos_neg: torch.Tensor  # [n] float64
+    cofire: torch.Tensor  # [n] float64
+    min_cos: float
+    max_cofire: float
+
+    @property
+    def has_pair(self) -> torch.Tensor:
+        ok = (self.cos_pos >= self.min_cos) & (self.cos_neg >= self.min_cos)
+        return ok & ~(self.cofire > self.max_cofire)  # NaN (no activations) does not veto
+
+    @property
+    def share(self) -> float:
+        """Share of the directions that have an antipodal pair (NaN for none)."""
+        n = self.a.numel()
+        return float("nan") if n == 0 else int(self.has_pair.sum()) / n
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "a": self.a.numpy(),
+                "b": self.b.numpy(),
+                "cos_pos": self.cos_pos.numpy(),
+                "cos_neg": self.cos_neg.numpy(),
+                "cofire": self.cofire.numpy(),
+                "has_pair": self.has_pair.numpy(),
+            }
+        )
+
+
+def correspondence(
+    directions: torch.Tensor,
+    sae: Any,
+    activations: Iterable[torch.Tensor] | None = None,
+    min_cos: float = 0.7,
+    max_cofire: float = 0.05,
+) -> Correspondence:
+    """Match each direction ``[n, d_in]`` (signed latents: ``signed_sae.W_dec[ids]``; the
+    control: ``random_directions``) to its best +d and -d latents of ``sae`` and, with
+    ``activations`` (batches as in ``antipodal_pairs``, used as given), their co-firing."""
+    if directions.ndim != 2 or directions.shape[1] != sae.W_dec.shape[1]:
+        raise ValueError(
+            f"directions must be [n, {sae.W_dec.shape[1]}] (the SAE's d_in), "
+            f"got {tuple(directions.shape)}."
+        )
+    D = sae.W_dec.detach().double().cpu()
+    D = D / D.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    u = directions.detach().double().cpu()
+    cos = (u / u.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ D.T  # [n, d_sae]
+    cos_pos, a = cos.max(1)
+    neg = (-cos).scatter(1, a[:, None], float("-inf"))
+    cos_neg, b = neg.max(1)
+    cofire = torch.full_like(cos_pos, float("nan"))
+    if activations is not None and a.numel() > 0:
+        cofire = _cofiring(sae, activations, False, a, b)[0]["cofire"]
+    return Correspondence(a, b, cos_pos, cos_neg, cofire, min_cos, max_cofire)
+
+
+def random_directions(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """``n`` unit directions uniform on the sphere in R^d: the control for ``correspondence``
+    (a direction with no structure finds no antipodal pair)."""
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g / g.norm(dim=1, keepdim=True)
+
+
 def opposite_candidates(
     W_dec: torch.Tensor, cos_threshold: float, block_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,6 +91,13 @@ class PolarityCensus(Result):
         """min(mass+, mass-): the |activation| mass of each latent's rarer-in-mass sign."""
         return torch.minimum(self.mass_pos, self.mass_neg)
 
+    def mass_weighted_bipolarity(self) -> float:
+        """sum_i min(mass+_i, mass-_i) / sum_i (mass+_i + mass-_i): the share of all activation
+        mass on each latent's minority side, so a latent counts by its mass, not with a cut-off
+        (0 for a non-negative SAE, at most 1/2; NaN with no mass)."""
+        total = (self.mass_pos + self.mass_neg).sum().item()
+        return self.minority_mass.sum().item() / total if total > 0 else float("nan")
+
     def bipolar_fraction(self, threshold: float = BIPOLAR_BALANCE, among: Among = "alive") -> float:
         """Share of latents with balance >= threshold, among alive latents (NaN if none) or all."""
         return _share(self.balance >= threshold, self._among(among))
@@ -220,6 +227,31 @@ def census_from_activations(
         top_pos=tops[0].result(1.0) if tops else None,
         top_neg=tops[1].result(-1.0) if tops else None,
     )
+
+
+def gaussian_surrogate(acts: torch.Tensor, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """``n`` rows (default as many as ``acts``) from the Gaussian with the activations' mean and
+    covariance: every second-order fact kept, no sparse signed structure. Train the same recipe
+    on it to read how much bipolarity any data of that shape would give."""
+    x = acts.double()
+    mu = x.mean(0)
+    cov = torch.cov(x.T)
+    jitter = 1e-9 * cov.diagonal().mean()
+    chol = torch.linalg.cholesky(cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n or x.shape[0], x.shape[1], generator=gen, dtype=torch.float64)
+    return (mu + z @ chol.T).to(acts.dtype)
+
+
+def sign_surrogate(acts: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The activations reflected through their mean on a random half of the rows,
+    x' = mu + s (x - mu) with s = +-1 a fair coin per row: the same mean, covariance and
+    sparsity, but every direction made sign-symmetric. An SAE's bipolarity on the real data can
+    only differ from its bipolarity here if the data's signs carry structure."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 2, (acts.shape[0], 1), generator=gen).to(acts.dtype) * 2 - 1
+    mu = acts.mean(0)
+    return mu + s * (acts - mu)
 
 
 class _Top:

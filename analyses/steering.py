@@ -11,14 +11,22 @@ For each alpha the model runs on the prompts with the SAE's hook edited at every
 ``scale`` fixes the units of alpha: 1.0 (default) means hook-space norm; ``typical_scale(census,
 sae, i)`` makes alpha = 1 one typical firing of latent i. Measured per alpha, averaged over all
 positions of all prompts: KL(clean || steered) of next-token distributions, the change in
-log-prob of the top tokens the logit lens gives for +u (T+) and -u (T-), effect = shift(T+) -
-shift(T-), and the tokens most promoted / suppressed. The dial score: monotonicity = Spearman
-correlation of alpha and effect; antisymmetry = 1 - sum |e(a) + e(-a)| / sum (|e(a)| + |e(-a)|)
-over alpha > 0 with -alpha also given, effects taken relative to alpha = 0 when it is given.
+log-prob of target tokens T+ and T-, effect = shift(T+) - shift(T-), and the tokens most promoted
+/ suppressed; effect and KL are also kept per prompt, for intervals over prompts. The dial score:
+monotonicity = Spearman correlation of alpha and effect; antisymmetry = 1 - sum |e(a) + e(-a)| /
+sum (|e(a)| + |e(-a)|) over alpha > 0 with -alpha also given, effects taken relative to alpha = 0
+when it is given.
+
+Targets: by default T+ / T- are the logit-lens top tokens of +u / -u, which makes the dial
+nearly monotone and antisymmetric for *any* direction (the tokens are chosen by the direction
+being scored). ``context_targets`` fixes them beforehand from a disjoint split instead (the
+tokens that follow the latent's strongest firings of each sign), and ``random_dials`` steers
+norm-matched random directions against the same targets: the control that can fail.
 """
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +43,8 @@ Mode = Literal["add", "clamp"]
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
 # Strings, 1D token tensors, or a [n, seq] token tensor.
 Prompts = Sequence[str | torch.Tensor] | torch.Tensor
+# (T+ token ids, T- token ids)
+Targets = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass(eq=False)
@@ -48,16 +58,30 @@ class DialPoint(Result):
     promoted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
     continuations: list[str]
+    effect_prompts: list[float] = field(default_factory=list)  # per prompt, prompt order
+    kl_prompts: list[float] = field(default_factory=list)  # per prompt, prompt order
 
     @property
     def effect(self) -> float:
         return self.shift_pos - self.shift_neg
 
+    def specificity(self, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+        """On-target shift per unit of distribution change, sign(alpha) * mean effect /
+        sqrt(mean KL) over prompts, with a 95% percentile bootstrap interval over prompts:
+        (value, low, high). Positive: the targets move the way alpha points. The square root
+        makes it independent of the step for small steps (effect grows like alpha, KL like
+        alpha^2), so directions steered with different strengths compare fairly."""
+        sign = 1.0 if self.alpha >= 0 else -1.0
+        return ratio_interval(
+            [sign * e for e in self.effect_prompts], self.kl_prompts, 0.5, n_boot, seed
+        )
+
 
 @dataclass(eq=False)
 class Dial(Result):
-    """A steering sweep of one signed latent (``latents = [i]``) or of a pair of non-negative
-    latents (``latents = [a, b]``: +alpha on a, |alpha| on b for alpha < 0)."""
+    """A steering sweep of one signed latent (``latents = [i]``), of a pair of non-negative
+    latents (``latents = [a, b]``: +alpha on a, |alpha| on b for alpha < 0), or of a direction
+    that is no latent (``latents = []``: a random control)."""
 
     hook_name: str
     latents: list[int]
@@ -68,6 +92,15 @@ class Dial(Result):
     points: list[DialPoint]
     monotonicity: float
     antisymmetry: float
+
+    def at(self, alpha: float) -> DialPoint:
+        """The point measured at ``alpha``."""
+        for p in self.points:
+            if p.alpha == float(alpha):
+                return p
+        raise ValueError(
+            f"alpha {alpha} was not measured; measured: {[p.alpha for p in self.points]}."
+        )
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -105,13 +138,13 @@ def dial(
     max_new_tokens: int = 0,
     scale: float = 1.0,
     k_tokens: int = 10,
+    targets: Targets | None = None,
 ) -> Dial:
     """Steer one latent over ``alphas`` on ``prompts`` (strings, given a BOS token, or token
     rows; rows of equal length run as one batch) and measure the dial; ``max_new_tokens`` > 0
-    adds greedy continuations."""
-    u = unit_direction(sae, latent)
-    lens = direction_logits(model, u)
-    pos_ids, neg_ids = lens.topk(k_tokens).indices, (-lens).topk(k_tokens).indices
+    adds greedy continuations. ``targets`` = (T+ ids, T- ids) fixed beforehand (see
+    ``context_targets``); without them the logit lens of +-u picks them."""
+    pos_ids, neg_ids = _targets(model, unit_direction(sae, latent), targets, k_tokens)
 
     def steer(alpha: float) -> HookFn:
         return steering_hook(sae, latent, alpha * scale, mode)
@@ -145,19 +178,25 @@ def compare_dial(
     max_new_tokens: int = 0,
     scale: float = 1.0,
     k_tokens: int = 10,
+    targets: Targets | None = None,
 ) -> DialComparison:
     """``dial`` for a signed latent and for the pair (a, b) of non-negative latents that best
     match +d and -d (``pairs.matching_pair`` unless ``pair`` is given): alpha >= 0 steers
-    +alpha on a, alpha < 0 steers +|alpha| on b. The pair's T+ / T- are the logit-lens tokens of
-    d_a / d_b."""
-    signed = dial(model, signed_sae, latent, alphas, prompts, mode, max_new_tokens, scale, k_tokens)
+    +alpha on a, alpha < 0 steers +|alpha| on b. With ``targets`` both dials score the same
+    tokens; without, the pair's T+ / T- are the logit-lens tokens of d_a / d_b."""
+    signed = dial(
+        model, signed_sae, latent, alphas, prompts, mode, max_new_tokens, scale, k_tokens, targets
+    )
     a, b = pair if pair is not None else matching_pair(signed_sae, latent, gated_sae)
 
     def steer(alpha: float) -> HookFn:
         return steering_hook(gated_sae, a if alpha >= 0 else b, abs(alpha) * scale, mode)
 
-    pos_ids = direction_logits(model, unit_direction(gated_sae, a)).topk(k_tokens).indices
-    neg_ids = direction_logits(model, unit_direction(gated_sae, b)).topk(k_tokens).indices
+    if targets is not None:
+        pos_ids, neg_ids = _targets(model, None, targets, k_tokens)
+    else:
+        pos_ids = direction_logits(model, unit_direction(gated_sae, a)).topk(k_tokens).indices
+        neg_ids = direction_logits(model, unit_direction(gated_sae, b)).topk(k_tokens).indices
     paired = _sweep(
         model,
         sae_hook(gated_sae),
@@ -173,6 +212,103 @@ def compare_dial(
         k_tokens,
     )
     return DialComparison(signed, paired)
+
+
+def random_dials(
+    model: Any,
+    sae: Any,
+    alphas: Sequence[float],
+    prompts: Prompts,
+    targets: Targets,
+    n: int = 3,
+    seed: int = 0,
+    scale: float = 1.0,
+) -> list[Dial]:
+    """The control for ``dial(..., mode="add", targets=targets)``: the same sweep along ``n``
+    random unit directions of the hook (norm-matched: alpha * scale moves the hook by the same
+    amount) scored on the same targets. A latent is a dial only where it beats these."""
+    gen = torch.Generator().manual_seed(seed)
+    d = sae.W_dec.shape[1]
+    pos_ids, neg_ids = _targets(model, None, targets, 0)
+    out = []
+    for _ in range(n):
+        r = torch.randn(d, generator=gen)
+        v = (r / r.norm()).to(sae.W_dec)
+
+        def steer(alpha: float, v: torch.Tensor = v) -> HookFn:
+            return _add_hook(alpha * scale * v)
+
+        out.append(
+            _sweep(
+                model,
+                sae_hook(sae),
+                [],
+                "add",
+                scale,
+                steer,
+                pos_ids,
+                neg_ids,
+                alphas,
+                prompts,
+                0,
+                10,
+            )
+        )
+    return out
+
+
+def context_targets(
+    census: PolarityCensus,
+    tokens: torch.Tensor,
+    latent: int,
+    k: int = 10,
+    exclude_rows: int = 0,
+) -> Targets:
+    """(T+, T-) fixed before any steering: the tokens that most often follow the latent's
+    strongest positive (T+) and negative (T-) firings in ``census`` (which kept ``top_examples``
+    on ``tokens``), ranked by count on their side minus count on the other; a token is on at
+    most one side. Examples in the first ``exclude_rows`` rows are skipped, so that the rows
+    used as steering prompts never choose their own targets."""
+    counts = []
+    for sign in ("+", "-"):
+        nxt = [
+            int(tokens[s, p + 1])
+            for s, p, _ in census.examples(latent, sign)
+            if p + 1 < tokens.shape[1] and s >= exclude_rows
+        ]
+        counts.append(Counter(nxt))
+    plus, minus = counts
+    pos = sorted(plus, key=lambda t: (minus[t] - plus[t], t))
+    neg = sorted(minus, key=lambda t: (plus[t] - minus[t], t))
+    pos = [t for t in pos if plus[t] > minus[t]][:k]
+    neg = [t for t in neg if minus[t] > plus[t]][:k]
+    if not pos or not neg:
+        raise ValueError(
+            f"Latent {latent} has no context targets on one side (fired + {len(plus)} / "
+            f"- {len(minus)} distinct next tokens); pick a latent that fires with both signs."
+        )
+    return pos, neg
+
+
+def ratio_interval(
+    num: Sequence[float],
+    den: Sequence[float],
+    power: float = 1.0,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """mean(num) / mean(den) ** power over paired items, with its 95% percentile bootstrap
+    interval over the items: (value, low, high); NaN where the denominator is 0."""
+    x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if x.size == 0 or x.size != y.size:
+        raise ValueError(f"Need equal, non-empty samples, got {x.size} and {y.size}.")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = x.mean() / y.mean() ** power
+        boots = x[idx].mean(1) / y[idx].mean(1) ** power
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5]) if np.isfinite(boots).any() else (np.nan,) * 2
+    return float(value), float(lo), float(hi)
 
 
 def unit_direction(sae: Any, latent: int) -> torch.Tensor:
@@ -217,12 +353,7 @@ def antisymmetry(alphas: Sequence[float], effects: Sequence[float]) -> float:
 def steering_hook(sae: Any, latent: int, amount: float, mode: Mode) -> HookFn:
     """A hook moving the activation by ``amount`` along the latent's unit decoder direction."""
     if mode == "add":
-        v = amount * unit_direction(sae, latent)
-
-        def add(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            return act + v.to(act).reshape(act.shape[2:])
-
-        return add
+        return _add_hook(amount * unit_direction(sae, latent))
     if mode == "clamp":
         value = amount / float(sae.W_dec[latent].detach().norm().clamp(min=1e-12))
 
@@ -234,6 +365,26 @@ def steering_hook(sae: Any, latent: int, amount: float, mode: Mode) -> HookFn:
 
         return clamp
     raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
+
+
+def _add_hook(v: torch.Tensor) -> HookFn:
+    def add(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act + v.to(act).reshape(act.shape[2:])
+
+    return add
+
+
+def _targets(
+    model: Any, u: torch.Tensor | None, targets: Targets | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target token ids: the given (T+, T-), or the logit lens's top-k of +u and -u."""
+    if targets is None:
+        lens = direction_logits(model, u)
+        return lens.topk(k).indices, (-lens).topk(k).indices
+    pos, neg = (torch.as_tensor(list(t), dtype=torch.long) for t in targets)
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("targets must name at least one token on each side.")
+    return pos, neg
 
 
 def _sweep(
@@ -254,6 +405,7 @@ def _sweep(
         raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
     groups = _by_length(_prompt_rows(model, prompts))
     n_prompts = sum(len(idx) for idx, _ in groups)
+    owner = torch.cat([torch.tensor(idx).repeat_interleave(b.shape[1]) for idx, b in groups])
     with torch.inference_mode():
         clean = _log_probs([model.run_with_hooks(b, fwd_hooks=[]) for _, b in groups])
         points = []
@@ -261,8 +413,13 @@ def _sweep(
             fwd = [(hook, steer(float(alpha)))]
             logits = [model.run_with_hooks(b, fwd_hooks=fwd) for _, b in groups]
             steered = _log_probs(logits)
-            kl = (clean.exp() * (clean - steered)).sum(-1).mean().item()
-            shift = (steered - clean).mean(0)
+            kl_pos = (clean.exp() * (clean - steered)).sum(-1)
+            kl = kl_pos.mean().item()
+            delta = steered - clean
+            shift = delta.mean(0)
+            on_target = delta[:, pos_ids.to(delta.device)].mean(1) - delta[
+                :, neg_ids.to(delta.device)
+            ].mean(1)
             up, down = shift.topk(k_tokens), (-shift).topk(k_tokens)
             texts = [""] * n_prompts if max_new_tokens > 0 else []
             for (idx, b), lg in zip(groups, logits, strict=True):
@@ -280,6 +437,8 @@ def _sweep(
                     promoted=_scored(model, up.indices, up.values),
                     suppressed=_scored(model, down.indices, -down.values),
                     continuations=texts,
+                    effect_prompts=_per_prompt(on_target, owner, n_prompts),
+                    kl_prompts=_per_prompt(kl_pos, owner, n_prompts),
                 )
             )
     effects = [p.effect for p in points]
@@ -294,6 +453,12 @@ def _sweep(
         monotonicity=spearman([p.alpha for p in points], effects),
         antisymmetry=antisymmetry([p.alpha for p in points], effects),
     )
+
+
+def _per_prompt(values: torch.Tensor, owner: torch.Tensor, n: int) -> list[float]:
+    """Mean of per-position ``values`` within each prompt (``owner`` = prompt of each position)."""
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, values.double().cpu())
+    return (total / torch.bincount(owner, minlength=n).double()).tolist()
 
 
 def _prompt_rows(model: Any, prompts: Prompts) -> list[torch.Tensor]:

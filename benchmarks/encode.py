@@ -1,7 +1,7 @@
 """Inference encode throughput: ``sign_sae.SAGSAE`` vs SAELens ``GatedSAE`` and ``JumpReLUSAE``.
 
 All run ``encode`` under ``torch.inference_mode`` on the same batch, interleaved. SA-GSAE's
-inference form is one matmul and a Bi-Jump-ReLU; SAELens's Gated SAE runs two matmuls (gate and
+inference form is one matmul and a mask-free Bi-Jump-ReLU; SAELens's Gated SAE runs two matmuls (gate and
 magnitude) and rescales W_enc on every call; JumpReLU runs one matmul.
 
     python -m benchmarks.encode                      # d_in 576, F 4608, batch 4096, fp32
@@ -14,8 +14,9 @@ import torch
 from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 
-from benchmarks.common import interleaved, machine, median, paired_ratio, set_threads, table
+from benchmarks.common import interleaved, machine, median, paired_ratio, set_threads
 from sign_sae import SAGSAE, SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig
+from sign_sae.markdown import markdown_table
 
 
 def sa_gsae(d_in: int, width: int) -> SAGSAE:
@@ -54,18 +55,20 @@ def main() -> None:
         return run
 
     times = interleaved({k: encoder(s) for k, s in saes.items()}, args.rounds, torch.device("cpu"))
-    base = times["SAELens Gated, F"]
+    gated, jump = times["SAELens Gated, F"], times["SAELens JumpReLU, F"]
     rows = [
         [
             name,
             f"{median(t) * 1e3:.1f}",
             f"{args.batch / median(t):,.0f}",
-            f"{paired_ratio(base, t):.2f}x",
+            f"{paired_ratio(jump, t):.2f}x",
+            f"{paired_ratio(gated, t):.2f}x",
         ]
         for name, t in times.items()
     ]
     print(f"d_in {d}, F {w}, batch {args.batch}, fp32; {args.rounds} interleaved rounds")
-    print(table(["encode", "ms (median)", "tokens/s", "speed vs Gated F"], rows))
+    head = ["encode", "ms (median)", "tokens/s", "speed vs JumpReLU F", "speed vs Gated F"]
+    print(markdown_table(head, rows))
     print(machine())
 
 

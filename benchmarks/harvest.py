@@ -3,7 +3,9 @@
 Same model, tokens, hooks and batch size. SAELens's store returns the activations in memory
 (``get_raw_llm_batch``; ``get_multi_hook_activations`` for several hooks from one pass);
 ``harvest`` also writes them to safetensors shards on disk. Throughput counts the tokens that go
-through the model. Runs are interleaved; every ``harvest`` run writes a fresh folder.
+through the model. Runs are interleaved; every ``harvest`` run writes a fresh folder. The bf16
+rows run the model under bfloat16 autocast (``forward_dtype``), which SAELens's store can do
+too (``autocast_lm``); they are within ``BF16_FORWARD_RTOL`` of float32 (tests/test_harvest.py).
 
     python -m benchmarks.harvest                        # SmolLM2-135M, middle layer, 2048 tokens
     python -m benchmarks.harvest --tokens 32768 --batch 64 --rounds 5
@@ -18,14 +20,18 @@ import torch
 from datasets import Dataset
 from sae_lens.training.activations_store import ActivationsStore
 
-from benchmarks.common import interleaved, machine, median, paired_ratio, set_threads, table
+from benchmarks.common import interleaved, machine, median, paired_ratio, set_threads
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.harvest import harvest
+from sign_sae.markdown import markdown_table
 from sign_sae.models import hook_name, load_model, mid_layer
 
 
-def saelens_store(model, tokens: torch.Tensor, hooks: list[str], batch: int) -> ActivationsStore:
-    """An ActivationsStore over the same pre-tokenised sequences (BOS already in them)."""
+def saelens_store(
+    model, tokens: torch.Tensor, hooks: list[str], batch: int, autocast_lm: bool = False
+) -> ActivationsStore:
+    """An ActivationsStore over the same pre-tokenised sequences (BOS already in them);
+    ``autocast_lm`` runs the model under bfloat16 autocast."""
     dataset = Dataset.from_dict({"tokens": tokens.tolist()})
     common = dict(
         dataset=dataset,
@@ -39,6 +45,7 @@ def saelens_store(model, tokens: torch.Tensor, hooks: list[str], batch: int) -> 
         normalize_activations="none",
         device=torch.device("cpu"),
         dtype="float32",
+        autocast_lm=autocast_lm,
     )
     d = model.cfg.d_model
     if len(hooks) == 1:
@@ -69,16 +76,24 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="harvest-bench-"))
     runs = iter(range(10**9))
 
-    def ours(hooks: list[str]):
+    def ours(hooks: list[str], forward_dtype: torch.dtype = torch.float32):
         def run() -> None:
             out = root / str(next(runs))
-            harvest(model, tokens, hooks, out, batch_size=args.batch, model_name="bench")
+            harvest(
+                model,
+                tokens,
+                hooks,
+                out,
+                batch_size=args.batch,
+                model_name="bench",
+                forward_dtype=forward_dtype,
+            )
             shutil.rmtree(out)
 
         return run
 
-    def theirs(hooks: list[str]):
-        store = saelens_store(model, tokens, hooks, args.batch)
+    def theirs(hooks: list[str], autocast_lm: bool = False):
+        store = saelens_store(model, tokens, hooks, args.batch, autocast_lm)
 
         def run() -> None:
             store.reset_input_dataset()
@@ -91,11 +106,16 @@ def main() -> None:
 
         return run
 
+    bf16 = torch.bfloat16
     candidates = {
         "SAELens ActivationsStore, 1 hook (memory)": theirs(one),
         "sign_sae harvest, 1 hook (disk)": ours(one),
+        "sign_sae harvest, 1 hook, bf16 forward (disk)": ours(one, bf16),
+        "SAELens ActivationsStore, 1 hook, autocast_lm (bf16, memory)": theirs(one, True),
         "SAELens multi-hook store, 3 hooks, 1 pass (memory)": theirs(three),
         "sign_sae harvest, 3 hooks, 1 pass (disk)": ours(three),
+        "sign_sae harvest, 3 hooks, 1 pass, bf16 forward (disk)": ours(three, bf16),
+        "SAELens multi-hook store, 3 hooks, autocast_lm (bf16, memory)": theirs(three, True),
     }
     try:
         times = interleaved(candidates, args.rounds, torch.device("cpu"))
@@ -105,7 +125,7 @@ def main() -> None:
     names = list(candidates)
     rows = []
     for i, name in enumerate(names):
-        base = times[names[i - i % 2]]
+        base = times[names[i - i % 4]]  # SAELens (float32) with the same hooks
         rows.append(
             [
                 name,
@@ -119,7 +139,11 @@ def main() -> None:
         f"{tokens.shape[0]} x {tokens.shape[1]} tokens, batch {args.batch} sequences, "
         f"{args.rounds} interleaved rounds"
     )
-    print(table(["harvest", "s (median)", "tokens/s", "speed vs SAELens (same hooks)"], rows))
+    print(
+        markdown_table(
+            ["harvest", "s (median)", "tokens/s", "speed vs SAELens fp32 (same hooks)"], rows
+        )
+    )
     print(machine())
 
 

@@ -18,9 +18,9 @@ from benchmarks.common import (
     paired_ratio,
     peak_rss_growth_mib,
     set_threads,
-    table,
 )
 from benchmarks.steps import StepCase, make_step, saved_for_backward_mib
+from sign_sae.markdown import markdown_table
 
 
 def cases(width: int, compile_step: bool, bf16: bool) -> list[StepCase]:
@@ -89,7 +89,7 @@ def main() -> None:
     if args.memory:
         header.append("peak RSS growth of a step (MiB)")
     print(f"{args.rounds} interleaved rounds after 1 warm-up step each")
-    print(table(header, rows))
+    print(markdown_table(header, rows))
     print(machine(device))
 
 

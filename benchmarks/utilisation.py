@@ -20,9 +20,9 @@ from benchmarks.common import (
     matmuls,
     median,
     set_threads,
-    table,
 )
 from benchmarks.steps import StepCase, make_step, step_flops
+from sign_sae.markdown import markdown_table
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     counts = dict(zip(list(mms)[:5], STEP_MATMULS, strict=True))
     mm_only = sum(n * median(times[k]) for k, n in counts.items())
     print(f"d_in {args.d_in}, F {args.width}, batch {args.batch}; {args.rounds} interleaved rounds")
-    print(table(["candidate", "ms (median)", "GFLOP/s", "utilisation"], rows))
+    print(markdown_table(["candidate", "ms (median)", "GFLOP/s", "utilisation"], rows))
     print(
         f"The step's 8 matmuls alone, at the rates above, take {mm_only * 1e3:.0f} ms; "
         "the rest of a step is element-wise work, the optimiser and Python."

@@ -6,6 +6,7 @@ both with the polarity columns, ``demo`` is ``sweep demo`` followed by the HTML 
 """
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    print(runs.format_table(runs.evaluate_runs(_load(args))))
+    cfg = _load(args)
+    rows = runs.evaluate_runs(cfg)  # runs already in the results table are not evaluated again
+    print(f"\nHeld-out metrics of {len(rows)} runs ({Path(cfg.out_dir) / runs.RESULTS_CSV}):\n")
+    print(runs.format_table(rows))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -118,8 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", cmd_eval, "evaluate the trained runs of a sweep file on held-out text"),
         ("sweep", cmd_sweep, "train and evaluate every run of a sweep file, resumably"),
     )
+    file_help = (
+        "A sweep file is YAML with data (models, hooks, text, token budgets), train (the "
+        "TrainConfig) and grid (labelled runs: arch, width, sparsity, seeds, options); "
+        "examples/run.yaml in the repository explains every key, sign_sae/profiles/ holds the "
+        "profiles. Every key is checked before any model loads."
+    )
     for name, func, help_text in views:  # the run system's views share one signature
-        v = sub.add_parser(name, help=help_text)
+        v = sub.add_parser(name, help=help_text, description=f"{help_text}.", epilog=file_help)
         v.add_argument("config", help=source)
         v.add_argument("--out", default=None, help="output folder (default: the file's out_dir)")
         v.set_defaults(func=func)
@@ -157,13 +167,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our INFO lines (stage timings); other libraries' only from WARNING up, unless --verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in ("sign_sae", "analyses"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
-    except (SignSAEError, FileNotFoundError) as e:  # a user's mistake: one line; bugs keep traces
-        print(f"sign-sae: error: {e}", file=sys.stderr)
+    except (SignSAEError, OSError) as e:  # a user's mistake: one line; bugs keep traces
+        if (
+            isinstance(e, OSError)
+            and not isinstance(e, FileNotFoundError | PermissionError)
+            and e.errno not in _USER_ERRNOS
+        ):
+            raise
+        print(f"sign-sae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+# Failures of the machine or the files the user gave, not of the code: disk full, over quota,
+# read-only, no permission, a file where a folder should be (or the other way), missing files.
+_USER_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return (
+            f"no space left on the device{where}: free some space and run the same command "
+            "again (finished work is kept)."
+        )
+    return " ".join(str(e).split())

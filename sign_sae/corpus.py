@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sign_sae.errors import SignSAEError
+from sign_sae.errors import SignSAEError, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,15 @@ def _hf_texts(dataset: str, config: str | None, split: str, max_docs: int) -> li
     from datasets import load_dataset
 
     logger.info("Streaming %s (%s split) from the Hugging Face hub", dataset, split)
-    rows = load_dataset(dataset, config, split="train", streaming=True)
     start, stop = (0, HF_EVAL_DOCS) if split == "eval" else (HF_EVAL_DOCS, None)
-    texts = (row["text"] for row in islice(rows, start, stop))
-    return list(islice(texts, max_docs))
+    try:
+        rows = load_dataset(dataset, config, split="train", streaming=True)
+        texts = (row["text"] for row in islice(rows, start, stop))
+        return list(islice(texts, max_docs))
+    except OSError as e:
+        error = unreachable(
+            f"The dataset 'hf:{dataset}'" + (f" (config {config!r})" if config else ""), e
+        )
+        if error is None:
+            raise
+        raise error from e

@@ -45,7 +45,7 @@ from sign_sae.runs import (
     read_results,
     trained_runs,
 )
-from sign_sae.storage import atomic_write_text, read_cfg, write_folder
+from sign_sae.storage import atomic_write_text, check_inside, load_sae, read_cfg, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,10 @@ def export(
     ids = _sae_ids(items)
     saes = []
     for name, folder, _ in items:
-        sae = SAE.load_from_disk(folder)
+        check_inside(
+            source, [folder, folder / SAE_CFG_FILENAME, folder / SAE_WEIGHTS_FILENAME], name
+        )
+        sae = load_sae(folder)
         if doubled and isinstance(sae, SAGSAE):
             sae = to_doubled_jumprelu(sae)
         log.info("exporting %s as %s", name, sae.cfg.architecture())

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sign_sae.errors import SignSAEError
+from sign_sae.errors import SignSAEError, unreachable
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -64,16 +64,8 @@ def load_model(
     """
     if name == DEFAULT_MODEL:
         model = _load_smollm2(device, dtype)
-    elif name == SMOLLM3:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        model = TransformerBridge.boot_transformers(
-            "HuggingFaceTB/SmolLM3-3B", device=device, dtype=dtype
-        )
-    elif _is_transformer_lens_name(name):
-        from sae_lens import HookedSAETransformer
-
-        model = HookedSAETransformer.from_pretrained(name, device=device, dtype=dtype)
+    elif name == SMOLLM3 or _is_transformer_lens_name(name):
+        model = _from_hub(name, device, dtype)
     else:
         raise SignSAEError(
             f"Unknown model name {name!r}. The offline default is {DEFAULT_MODEL!r} (bundled in "
@@ -83,6 +75,25 @@ def load_model(
     model.cfg.model_name = name
     model.eval()
     return model
+
+
+def _from_hub(name: str, device: str, dtype: torch.dtype) -> Any:
+    """A hub model (cached or downloaded); offline and not cached is a one-line error."""
+    try:
+        if name == SMOLLM3:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_transformers(
+                "HuggingFaceTB/SmolLM3-3B", device=device, dtype=dtype
+            )
+        from sae_lens import HookedSAETransformer
+
+        return HookedSAETransformer.from_pretrained(name, device=device, dtype=dtype)
+    except OSError as e:
+        error = unreachable(f"The model {name!r}", e)
+        if error is None:
+            raise
+        raise error from e
 
 
 def smollm2_dir() -> Path:

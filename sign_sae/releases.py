@@ -40,8 +40,8 @@ from sae_lens.loading.pretrained_saes_directory import (
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.util import str_to_dtype
 
-from sign_sae.errors import SignSAEError
-from sign_sae.storage import read_cfg, read_weights
+from sign_sae.errors import SignSAEError, unreachable
+from sign_sae.storage import check_inside, read_cfg, read_weights, verify_folder
 
 LOADER = "sign_sae"
 SHIPPED = "releases.yaml"
@@ -306,7 +306,13 @@ def load_pretrained(release: str, sae_id: str, **kwargs: Any) -> SAE:
     (unknown ones raise a ValueError listing close matches; a hub repo id passes through)."""
     if release in _sync() or "/" not in release:
         find_release(release, sae_id)
-    return SAE.from_pretrained(release, sae_id, **kwargs)
+    try:
+        return SAE.from_pretrained(release, sae_id, **kwargs)
+    except OSError as e:
+        error = unreachable(f"SAE {sae_id!r} of release {release!r}", e)
+        if error is None:
+            raise
+        raise error from e
 
 
 # ---- the loader -------------------------------------------------------------------------------
@@ -347,8 +353,12 @@ def _fetch(repo_id: str, folder_name: str, names: Iterable[str], force_download:
     """The local folder of one SAE: inside a local source, or downloaded from the hub (a
     missing sparsity file is fine)."""
     if _is_local(repo_id):
-        folder = Path(repo_id).expanduser().resolve() / folder_name
-        _check_sae_folder(folder, f"SAE {folder_name!r} of {repo_id}")
+        root = Path(repo_id).expanduser().resolve()
+        folder = root / folder_name
+        where = f"SAE {folder_name!r} of {repo_id}"
+        check_inside(root, [folder, *(folder / n for n in names)], where)
+        _check_sae_folder(folder, where)
+        verify_folder(folder, "export or download the release again.")
         return folder
     paths = []
     for name in names:

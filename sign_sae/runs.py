@@ -24,16 +24,21 @@ the label and the text and token budgets that feed it. A single run (``make demo
     OUT/runs/<model>/<hook>/<name>_<hash>/        sae/, train.json (checkpoint/ while training)
 
 A restarted sweep skips runs that have a row, resumes a run from its last checkpoint and only
-evaluates a trained SAE without a row. Per-run extra columns (the polarity census of
-``analyses.sweep``) come from the ``columns`` callable, so this module needs nothing above it.
+evaluates a trained SAE without a row. Processes that share OUT take turns under file locks (one
+per run folder, one per harvest, one for the results table, into which each update merges its
+row), so none trains a run another is training and no row is lost. Per-run extra columns (the
+polarity census of ``analyses.sweep``) come from the ``columns`` callable, so this module needs
+nothing above it.
 """
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -46,7 +51,6 @@ from typing import Any
 
 import torch
 import yaml
-from sae_lens import SAE
 
 from sign_sae import distributed
 from sign_sae.architectures import (
@@ -68,8 +72,9 @@ from sign_sae.models import (
     mid_layer,
     validate_hook,
 )
-from sign_sae.storage import atomic_write_text
-from sign_sae.trainer import CHECKPOINT, TensorBatches, TrainConfig, train
+from sign_sae.storage import atomic_write_text, load_sae, locked, read_json, remove_stale, save_sae
+from sign_sae.trainer import BOOKKEEPING, CHECKPOINT, TensorBatches, TrainConfig, train
+from sign_sae.typed import coerce_fields
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ SWEEP_FILE = "sweep.yaml"
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 TRAIN_FILE = "train.json"
+LOCK_FILE = ".lock"  # held by the process that trains a run
 # The first columns of the table, in this order; any others follow in order of appearance.
 COLUMNS = [
     "config_hash", "model", "hook", "hook_kind", "label", "name", "arch", "ablation_of",
@@ -99,12 +105,11 @@ SUMMARY = [
     ("kl_with_sae", "{:.3f}"),
     ("train_s", "{:.0f}"),
 ]
-# TrainConfig fields that never change a result, and SAE metadata that only records versions:
-# both left out of the run hash.
-_BOOKKEEPING = ("checkpoint_every", "log_every")
+# SAE metadata that only records versions, left out of the run hash with TrainConfig's
+# BOOKKEEPING fields.
 _VERSIONS = ("sae_lens_version", "sae_lens_training_version")
 # The data fields that feed a run's SAE or its row (the rest are in the SAE's config).
-_DATA_KEYS = ("text", "train_tokens", "eval_tokens", "ce_tokens", "harvest_dtype")
+_DATA_KEYS = ("text", "train_tokens", "eval_tokens", "ce_tokens", "harvest_dtype", "forward_dtype")
 
 Columns = Callable[[Any, torch.Tensor], dict[str, Any]]
 Row = dict[str, Any]
@@ -120,6 +125,7 @@ class ModelSpec:
     layer: int | None = None
 
     def __post_init__(self) -> None:
+        coerce_fields(self, f"data.models: {self.name!r}: ")
         if self.hooks is not None:
             _check_hooks(f"model {self.name!r}: hooks", self.hooks)
         if self.layer is not None and not (isinstance(self.layer, int) and self.layer >= 0):
@@ -141,11 +147,13 @@ class DataConfig:
     eval_tokens: int = 8192  # activation metrics and the polarity census
     ce_tokens: int = 2048  # CE loss recovered and KL (the first rows of the eval tokens)
     harvest_dtype: str = "float32"
+    forward_dtype: str = "float32"  # "bfloat16": harvest under autocast, ~2x faster on CPU
     harvest_batch_size: int = 32
     eval_batch_size: int = 8
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data.")
         if not isinstance(self.models, list) or not self.models:
             raise SignSAEError(f"data.models must be a non-empty list, got {self.models!r}.")
         self.models = [
@@ -159,6 +167,10 @@ class DataConfig:
         if self.harvest_dtype not in DTYPES:
             raise SignSAEError(
                 f"data.harvest_dtype must be one of {sorted(DTYPES)}, got {self.harvest_dtype!r}."
+            )
+        if self.forward_dtype not in ("float32", "bfloat16"):
+            raise SignSAEError(
+                f"data.forward_dtype must be float32 or bfloat16, got {self.forward_dtype!r}."
             )
         try:
             torch.device(self.device)
@@ -194,6 +206,12 @@ class GridEntry:
 
     def __post_init__(self) -> None:
         where = f"grid entry {self.label!r}"
+        coerce_fields(self, f"{where}: ")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", self.label):
+            raise SignSAEError(
+                f"{where}: a label names folders, so it must be a plain name (letters, digits, "
+                "and _ . + = - after the first character; no / or ..)."
+            )
         if self.arch not in ARCHITECTURES:
             raise SignSAEError(
                 f"{where}: arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}."
@@ -212,6 +230,12 @@ class GridEntry:
                 f"{where}: unknown train field(s) {unknown}; known: "
                 f"{[f.name for f in fields(TrainConfig)]}."
             )
+        try:  # the overrides, converted as TrainConfig converts them
+            self.train = {
+                k: v for k, v in asdict(TrainConfig(**self.train)).items() if k in self.train
+            }
+        except SignSAEError as e:
+            raise SignSAEError(f"{where}: train: {str(e).removeprefix('train.')}") from None
         for sparsity in self.sparsity:  # the SAE config, with stand-in widths
             try:
                 training_config(self.arch, 16, 16, sparsity, **self.options)
@@ -230,6 +254,7 @@ class SweepConfig:
     grid: list[GridEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         self.data = _build(DataConfig, self.data, "data")
         self.train = _build(TrainConfig, self.train, "train")
         if not isinstance(self.grid, list) or not self.grid:
@@ -331,7 +356,16 @@ def _read_sweep(arg: str | Path) -> dict[str, Any]:
             f"No sweep file {arg!r} (nor a run folder holding {SWEEP_FILE}) and no profile of "
             f"that name; profiles: {profiles()}."
         )
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise SignSAEError(
+            f"{path if path.is_file() else arg}{at}: YAML syntax error: {e.problem or e.context}."
+        ) from None
+    except yaml.YAMLError as e:
+        raise SignSAEError(f"{arg}: YAML error: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise SignSAEError(f"{arg} must hold a mapping of SweepConfig fields.")
     base = data.pop("base", None)
@@ -429,7 +463,7 @@ class Run:
         """sha256 of the resolved configuration: everything that determines the run's row."""
         sae = self.sae_config().to_dict()
         sae["metadata"] = {k: v for k, v in sae["metadata"].items() if k not in _VERSIONS}
-        recipe = {k: v for k, v in asdict(self.train).items() if k not in _BOOKKEEPING}
+        recipe = {k: v for k, v in asdict(self.train).items() if k not in BOOKKEEPING}
         key = {
             "label": self.point.entry.label,
             "sae": sae,
@@ -515,26 +549,33 @@ def _safe(name: str) -> str:
 def train_run(run: Run, acts: torch.Tensor, progress: bool = True) -> Row:
     """Train (or resume, or reuse) one SAE into ``run.folder``: ``sae/`` and ``train.json``
     (``checkpoint/`` while training); returns its train.json. Under torchrun the ranks that
-    call it train it together; inside ``distributed.alone()`` one process does."""
+    call it train it together; inside ``distributed.alone()`` one process does. The run's lock
+    file keeps a second process off the folder: it waits, then finds the run trained."""
     folder = run.folder
-    if not run.trained:
-        torch.manual_seed(run.train.seed)
-        sae = run.training_sae()
-        batches = TensorBatches(acts, run.train.batch_size, seed=run.train.seed)
-        result = train(sae, batches, run.train, run_dir=folder, resume=True, progress=progress)
-        if distributed.is_main():
-            sae.save_inference_model(folder / "sae")
-            info = {"run": run.record(), **asdict(result), "n_params_train": parameter_count(sae)}
-            atomic_write_text(folder / TRAIN_FILE, json.dumps(info, indent=1))
-            shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
-        distributed.barrier()
-    return json.loads((folder / TRAIN_FILE).read_text())
+    with locked(folder / LOCK_FILE) if distributed.is_main() else contextlib.nullcontext():
+        distributed.barrier()  # the other ranks wait while rank 0 waits for the lock
+        if not run.trained:
+            torch.manual_seed(run.train.seed)
+            sae = run.training_sae()
+            batches = TensorBatches(acts, run.train.batch_size, seed=run.train.seed)
+            result = train(sae, batches, run.train, run_dir=folder, resume=True, progress=progress)
+            if distributed.is_main():
+                save_sae(sae, folder / "sae")
+                info = {
+                    "run": run.record(),
+                    **asdict(result),
+                    "n_params_train": parameter_count(sae),
+                }
+                atomic_write_text(folder / TRAIN_FILE, json.dumps(info, indent=1))
+                shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+            distributed.barrier()
+    return read_json(folder / TRAIN_FILE)
 
 
 def evaluate_run(run: Run, held: HeldOut, columns: Columns | None = None) -> Row:
     """The results row of one trained run: its identity, held-out metrics and timings."""
-    info = json.loads((run.folder / TRAIN_FILE).read_text())
-    sae = SAE.load_from_disk(run.folder / "sae", device=run.data.device)
+    info = read_json(run.folder / TRAIN_FILE)
+    sae = load_sae(run.folder / "sae", device=run.data.device)
     start = time.perf_counter()
     res = held.evaluate(sae, run.hook)
     extra = columns(sae, held.acts[run.hook]) if columns is not None else {}
@@ -661,9 +702,11 @@ def _sweep_model(
 
 
 def _start(cfg: SweepConfig) -> "ResultsTable":
-    """Write the config into the run folder (rank 0) and open its results table."""
+    """Remove temporary files that killed processes left, write the config into the run folder
+    (rank 0) and open its results table."""
     out = Path(cfg.out_dir)
     if distributed.is_main():
+        remove_stale(out)
         atomic_write_text(out / SWEEP_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return ResultsTable(out)
 
@@ -679,15 +722,17 @@ def _harvest(
     """One harvest of ``tokens`` at every hook of ``runs``; under torchrun rank 0 fills it and
     the others reuse it."""
     name = runs[0].point.model.name
-    with distributed.main_first():
+    folder = activations_dir(cfg.out_dir, name, split)
+    with distributed.main_first(), locked(folder.parent / f".{split}.lock"):
         return harvest(
             model,
             tokens,
             list(dict.fromkeys(r.hook for r in runs)),
-            activations_dir(cfg.out_dir, name, split),
+            folder,
             batch_size=cfg.data.harvest_batch_size,
             dtype=DTYPES[cfg.data.harvest_dtype],
             model_name=name,
+            forward_dtype=DTYPES[cfg.data.forward_dtype],
         )
 
 
@@ -721,9 +766,7 @@ def trained_runs(out_dir: str | Path) -> dict[str, Row]:
     """Every trained run under ``out_dir`` in the plan's order, by its ``short_names`` name; the
     value is its identity record (``Run.record``: name, model, hook, folder, config_hash, ...)."""
     out = Path(out_dir)
-    records = [
-        json.loads(p.read_text())["run"] for p in sorted(out.glob(f"runs/*/*/*/{TRAIN_FILE}"))
-    ]
+    records = [read_json(p)["run"] for p in sorted(out.glob(f"runs/*/*/*/{TRAIN_FILE}"))]
     if (out / SWEEP_FILE).is_file():
         rank = {(p.model.name, p.hook, p.name): i for i, p in enumerate(plan(load_sweep(out)))}
         records.sort(key=lambda r: rank.get((r["model"], r["hook_kind"], r["name"]), len(rank)))
@@ -752,22 +795,34 @@ _KEYS: list[Callable[[Row], str]] = [
 
 # ---- the results table --------------------------------------------------------------------
 class ResultsTable:
-    """The sweep's rows, keyed by ``config_hash``; ``add`` rewrites JSON and CSV atomically."""
+    """The sweep's rows, keyed by ``config_hash``; ``add`` rewrites JSON and CSV atomically.
+
+    Processes that share the folder take turns under its lock file, and each ``add`` merges
+    into the rows on disk, so no process drops another's rows."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.rows: list[Row] = self._read()
+
+    def _read(self) -> list[Row]:
         path = self.folder / RESULTS_JSON
-        self.rows: list[Row] = json.loads(path.read_text()) if path.is_file() else []
+        return read_json(path) if path.is_file() else []
 
     def __contains__(self, config_hash: str) -> bool:
         return any(r["config_hash"] == config_hash for r in self.rows)
 
     def add(self, row: Row) -> None:
-        self.rows = [r for r in self.rows if r["config_hash"] != row["config_hash"]] + [row]
         if not distributed.is_main():
+            self.rows = [r for r in self.rows if r["config_hash"] != row["config_hash"]] + [row]
             return
-        atomic_write_text(self.folder / RESULTS_JSON, json.dumps(_json_safe(self.rows), indent=1))
-        atomic_write_text(self.folder / RESULTS_CSV, to_csv(self.rows))
+        with locked(self.folder / ".results.lock"):
+            ours = {r["config_hash"]: r for r in self.rows}  # as computed (NaN, not null)
+            disk = [r for r in self._read() if r["config_hash"] != row["config_hash"]]
+            self.rows = [ours.get(r["config_hash"], r) for r in disk] + [row]
+            atomic_write_text(
+                self.folder / RESULTS_JSON, json.dumps(_json_safe(self.rows), indent=1)
+            )
+            atomic_write_text(self.folder / RESULTS_CSV, to_csv(self.rows))
 
 
 def to_csv(rows: list[Row]) -> str:

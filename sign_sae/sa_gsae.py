@@ -27,7 +27,8 @@ two thresholds, so encoding is one matmul and a Bi-Jump-ReLU:
 why each choice was made; the training step runs fused (``sign_sae.fused``) where it can.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     return (u.abs() < 0.5).to(u)
 
 
+def open_gate(
+    z: torch.Tensor, threshold_pos: torch.Tensor, threshold_neg: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 where z > threshold_pos (or, given threshold_neg, z < -threshold_neg), else 0, in z's
+    dtype; thresholds >= 0. Computed as |sign(clamp(z, -t-, t+) - z)| in place: exact
+    arithmetic, since boolean masks cost several times more on CPU (docs/performance.md)."""
+    with torch.no_grad():  # piecewise constant: no gradient flows through the gate
+        low = None if threshold_neg is None else -threshold_neg
+        gate = torch.clamp(z, low, threshold_pos)
+        return gate.sub_(z).sign_().abs_().to(z.dtype)
+
+
 class BiJumpReLU(torch.autograd.Function):
     """z [H(z - t+) + H(-z - t-)] with t+, t- >= 0: exact in z, and rectangle-kernel
     straight-through estimates (bandwidth eps, as JumpReLU SAEs, arXiv 2407.14435) in the
@@ -62,7 +75,7 @@ class BiJumpReLU(torch.autograd.Function):
     def forward(
         z: torch.Tensor, threshold_pos: torch.Tensor, threshold_neg: torch.Tensor, bandwidth: float
     ) -> torch.Tensor:
-        return z * ((z > threshold_pos) | (-z > threshold_neg)).to(z)
+        return open_gate(z, threshold_pos, threshold_neg).mul_(z)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -105,8 +118,15 @@ class StrictSAGSAEConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        if cls is SAGSAEConfig:  # a training checkpoint's cfg.json: keep the inference fields
+            training_only = _field_names(SAGSAETrainingSAEConfig) - _field_names(SAGSAEConfig)
+            config_dict = {k: v for k, v in config_dict.items() if k not in training_only}
         check_cfg_fields(config_dict, cls)
         return super().from_dict(config_dict)  # type: ignore[misc]
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def validate_dims(d_in: Any, d_sae: Any) -> None:
@@ -227,13 +247,22 @@ class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
         if not self.cfg.two_sided:
-            feats = z * (z > self.threshold_pos).to(z)
+            feats = open_gate(z, self.threshold_pos).mul_(z)
         elif self.cfg.tied:
             feats = bi_jump_relu(z, self.threshold_pos, self.threshold_neg)
         else:
             z_neg = self.scale_neg * (z - self.b_enc) + self.b_enc_neg
-            feats = z * (z > self.threshold_pos).to(z) + z_neg * (-z_neg > self.threshold_neg).to(z)
+            feats = open_gate(z, self.threshold_pos).mul_(z)
+            feats += open_gate(-z_neg, self.threshold_neg).mul_(z_neg)
         return self.hook_sae_acts_post(feats)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """A training checkpoint folder loads too: its parameters are folded on load."""
+        if "b_gate" in state_dict:
+            converted = to_inference_state(state_dict, self.cfg.tied, self.cfg.two_sided)
+            state_dict.clear()
+            state_dict.update(converted)
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -481,26 +510,15 @@ class SAGSAETrainingSAE(CheckedInput, TrainingSAE[SAGSAETrainingSAEConfig]):
     @torch.no_grad()
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """The folded Bi-Jump-ReLU parameters of ``SAGSAE`` (the same function)."""
-        theta_pos = self.threshold_pos.clamp(min=0)
-        scale = self.r_mag.exp()
-        state = {
-            "W_enc": self.W_enc * scale,
-            "b_enc": self.b_mag.clone(),
-            "W_dec": self.W_dec.clone(),
-            "b_dec": self.b_dec.clone(),
-            # pi > theta+  <=>  m+ > exp(r)(theta+ - b_gate) + b_mag; ReLU adds m+ > 0.
-            "threshold_pos": (scale * (theta_pos - self.b_gate) + self.b_mag).clamp(min=0),
-        }
-        if self.cfg.two_sided:
-            theta_neg = self.threshold_neg.clamp(min=0)
-            scale_neg = self.r_mag_neg.exp() if self.untied else scale
-            b_neg = self.b_mag_neg if self.untied else self.b_mag
-            # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.
-            state["threshold_neg"] = (scale_neg * (theta_neg + self.b_gate) - b_neg).clamp(min=0)
-            if self.untied:
-                state["scale_neg"] = scale_neg / scale
-                state["b_enc_neg"] = b_neg.clone()
-        return state
+        return to_inference_state(self.state_dict(), self.cfg.tied, self.cfg.two_sided)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """An inference folder loads too (to continue training from a released SAE)."""
+        if "b_enc" in state_dict:
+            converted = to_training_state(state_dict, self.cfg.tied, self.cfg.two_sided)
+            state_dict.clear()
+            state_dict.update(converted)
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
@@ -513,3 +531,62 @@ class SAGSAETrainingSAE(CheckedInput, TrainingSAE[SAGSAETrainingSAEConfig]):
         return save_sae_folder(
             path, self.inference_state_dict(), self.cfg.get_inference_sae_cfg_dict()
         )
+
+
+# ---- the two saved forms ---------------------------------------------------------------------
+def to_inference_state(
+    state: Mapping[str, torch.Tensor], tied: bool, two_sided: bool
+) -> dict[str, torch.Tensor]:
+    """``SAGSAE``'s folded parameters from ``SAGSAETrainingSAE``'s (the same function)."""
+    scale = state["r_mag"].exp()
+    theta_pos = state["threshold_pos"].clamp(min=0)
+    out = {
+        "W_enc": state["W_enc"] * scale,
+        "b_enc": state["b_mag"].clone(),
+        "W_dec": state["W_dec"].clone(),
+        "b_dec": state["b_dec"].clone(),
+        # pi > theta+  <=>  m+ > exp(r)(theta+ - b_gate) + b_mag; ReLU adds m+ > 0.
+        "threshold_pos": (scale * (theta_pos - state["b_gate"]) + state["b_mag"]).clamp(min=0),
+    }
+    if two_sided:
+        untied = not tied
+        theta_neg = state["threshold_neg"].clamp(min=0)
+        scale_neg = state["r_mag_neg"].exp() if untied else scale
+        b_neg = state["b_mag_neg"] if untied else state["b_mag"]
+        # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.
+        out["threshold_neg"] = (scale_neg * (theta_neg + state["b_gate"]) - b_neg).clamp(min=0)
+        if untied:
+            out["scale_neg"] = scale_neg / scale
+            out["b_enc_neg"] = b_neg.clone()
+    return out
+
+
+def to_training_state(
+    state: Mapping[str, torch.Tensor], tied: bool, two_sided: bool
+) -> dict[str, torch.Tensor]:
+    """``SAGSAETrainingSAE`` parameters computing ``SAGSAE``'s function: r = 0 (so W_enc and
+    b_mag = b_enc carry over), and the gate bias halfway between where the two gates open, in
+    p = x' W_enc: the positive gate at p > t+ - b_enc, the negative one at
+    p < -(t- + b_enc_neg) / scale_neg. Exact when the two do not overlap, which holds for any
+    folder this class wrote; overlapping gates (hand-made weights) are refused."""
+    b_enc, t_pos = state["b_enc"], state["threshold_pos"]
+    opens_pos = t_pos - b_enc
+    out = {k: state[k].clone() for k in ("W_enc", "W_dec", "b_dec")}
+    out.update(r_mag=torch.zeros_like(b_enc), b_mag=b_enc.clone())
+    if not two_sided:
+        out.update(b_gate=b_enc.clone(), threshold_pos=t_pos.clone())
+        return out
+    scale_neg = state["scale_neg"] if not tied else torch.ones_like(b_enc)
+    b_enc_neg = state["b_enc_neg"] if not tied else b_enc
+    opens_neg = -(state["threshold_neg"] + b_enc_neg) / scale_neg
+    if bool((opens_neg > opens_pos).any()):
+        raise SignSAEError(
+            f"{int((opens_neg > opens_pos).sum())} latent(s) of this SA-GSAE open both gates on "
+            "the same inputs, which the training form cannot represent; train from the training "
+            "checkpoint instead."
+        )
+    b_gate = -(opens_pos + opens_neg) / 2
+    out.update(b_gate=b_gate, threshold_pos=opens_pos + b_gate, threshold_neg=-opens_neg - b_gate)
+    if not tied:
+        out.update(r_mag_neg=scale_neg.log(), b_mag_neg=b_enc_neg.clone())
+    return out

@@ -1,38 +1,68 @@
-"""Atomic writes and safe reads of SAE folders (SAELens layout: cfg.json + sae_weights.safetensors).
+"""Atomic, verified writes and safe reads of SAE folders (SAELens layout: cfg.json +
+sae_weights.safetensors) and of every other artifact this toolkit persists.
 
-Writes go to a temporary sibling and are renamed into place, so a crash leaves either the old
-folder or the new one, never a half-written mix. Reads accept safetensors only and check the
-config against the registered architecture before anything is built.
+A save stages its files in a temporary sibling folder, records their sha256 in ``sha256.json``
+(the manifest, written last) and swaps the staged folder into place in one step (Linux's atomic
+exchange; elsewhere two renames, undone by ``remove_stale`` when a kill falls between them). A
+kill at any moment leaves the old folder or the new one, never a mix; files of the folder that
+the save does not write are carried over unchanged. Reads accept safetensors only, check the
+manifest when there is one (foreign SAELens folders have none) and check the config against the
+registered architecture before anything is built. Files get 0666 and folders 0777 less the umask.
 """
 
+import ctypes
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sign_sae.errors import SignSAEError
 
+log = logging.getLogger(__name__)
+
+MANIFEST = "sha256.json"  # {file name: sha256} of the files a save wrote; written last
 # Keys SAELens writes into cfg.json, or its disk loader adds, beside the dataclass fields.
 _EXTRA_CFG_KEYS = {"architecture", "metadata", "finetuning_scaling_factor"}
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# Temporary names: .<name>.<pid>-<random>.tmp; a folder set aside by a two-rename swap ends -old.tmp
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<tag>[A-Za-z0-9_]+)\.tmp$")
+
+
+def default_mode(folder: bool = False) -> int:
+    """The permissions ``open`` / ``mkdir`` give: 0666 (files) or 0777 (folders) less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temporary file and an atomic rename."""
+    """Write a UTF-8 text file via a temporary file and an atomic rename; characters that UTF-8
+    cannot encode (lone surrogates from broken token strings) are replaced, not fatal."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, default_mode(folder=False))
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -42,32 +72,232 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_folder(path: Path, files: Mapping[str, dict[str, torch.Tensor] | dict[str, Any]]) -> None:
-    """Write a folder of safetensors (tensor dicts) and JSON files atomically.
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    ``files`` maps file names to contents: names ending in ``.safetensors`` take a dict of
-    tensors, everything else a JSON-serialisable dict. The whole folder is replaced at once.
-    """
+
+@contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder to write into; when the block ends without error its files replace
+    the ones of the same name in ``path`` all at once, with their hashes in ``MANIFEST``. Other
+    files of ``path`` are kept (hard-linked into the new folder before the swap)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
     try:
+        os.chmod(tmp, default_mode(folder=True))
+        yield tmp
+        _commit(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old folder
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    written = {p.name for p in tmp.iterdir() if p.name != MANIFEST}
+    manifest = {}
+    if path.is_dir():
+        old = _read_manifest(path) or {}
+        for p in path.iterdir():
+            if p.name not in written and p.name != MANIFEST:
+                _link(p, tmp / p.name)
+                if p.name in old:
+                    manifest[p.name] = old[p.name]
+    for name in sorted(written):
+        if (tmp / name).is_file() and not (tmp / name).is_symlink():
+            os.chmod(tmp / name, default_mode())  # safetensors creates files 0600
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+                manifest[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    atomic_write_text(tmp / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=1))
+    if path.exists():
+        _swap(tmp, path)
+    else:
+        os.replace(tmp, path)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Carry ``src`` into the staged folder without copying data where the file system allows."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(src, dst)
+
+
+def _link_file(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap(new: Path, path: Path) -> None:
+    """Put folder ``new`` at ``path`` and the old folder at ``new``, atomically where possible."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if exchange is not None:
+        if exchange(at_fdcwd, bytes(new), at_fdcwd, bytes(path), rename_exchange) == 0:
+            return
+        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(path))
+    aside = path.with_name(f".{path.name}.{os.getpid()}-old.tmp")
+    os.rename(path, aside)  # a kill here leaves `aside`; remove_stale moves it back
+    os.rename(new, path)
+    os.rename(aside, new)
+
+
+def remove_stale(root: Path) -> int:
+    """Delete temporary files and folders (``.*.tmp``) under ``root`` whose writing process is
+    gone, and move back a folder that a killed two-rename swap left aside; returns how many."""
+    root, done = Path(root), 0
+    if not root.is_dir():
+        return 0
+    for p in sorted(root.rglob(".*.tmp"), key=lambda q: len(q.parts)):
+        m = _TMP.match(p.name)
+        if not p.exists() and not p.is_symlink():
+            continue  # inside a folder removed a moment ago
+        if m and int(m["pid"]) != os.getpid() and _alive(int(m["pid"])):
+            continue  # another process is writing it now
+        target = p.with_name(m["name"]) if m else None
+        if m and m["tag"] == "old" and target is not None and not target.exists():
+            os.rename(p, target)
+            log.warning("restored %s, left aside by an interrupted save", target)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done += 1
+    if done:
+        log.info("removed %d stale temporary file(s) under %s", done, root)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file; created) for the block: processes that
+    share a folder take turns (``fcntl`` locks, local or NFS file systems)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, mode=default_mode(folder=False))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("waiting for %s: another process holds it", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_folder(path: Path, files: Mapping[str, dict[str, torch.Tensor] | dict[str, Any]]) -> None:
+    """Write safetensors (tensor dicts) and JSON files into folder ``path`` atomically.
+
+    ``files`` maps file names to contents: names ending in ``.safetensors`` take a dict of
+    tensors, everything else a JSON-serialisable dict. They replace their namesakes at once
+    (``staged_folder``); other files of the folder stay.
+    """
+    with staged_folder(path) as tmp:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 tensors = {k: v.detach().contiguous() for k, v in content.items()}
                 save_file(tensors, tmp / name)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def save_sae(sae: Any, path: Path) -> Path:
+    """Save an SAE folder through its own SAELens ``save_inference_model`` (training SAEs) or
+    ``save_model``, atomically and with its manifest, after checking every parameter is finite."""
+    check_finite(dict(sae.named_parameters()), f"the SAE saved to {path}")
+    with staged_folder(path) as tmp:
+        save = getattr(sae, "save_inference_model", None) or sae.save_model
+        save(tmp)
+    return Path(path)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN / Inf in any tensor, naming it, before anything is written."""
+    for name, t in tensors.items():
+        bad = t.numel() - int(torch.isfinite(t.detach()).sum())
+        if bad:
+            raise SignSAEError(
+                f"{name} of {what} holds {bad} NaN/Inf value(s); nothing was written. Lower the "
+                "learning rate, or drop non-finite input rows (skip_nonfinite), and train again."
+            )
+
+
+def _read_manifest(folder: Path) -> dict[str, str] | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    plain = all(
+        isinstance(v, str) and Path(k).name == k not in ("", ".", "..") for k, v in manifest.items()
+    )
+    if not plain:
+        raise SignSAEError(
+            f"{path} is not a manifest of plain file names and hashes; it is corrupt."
+        )
+    return manifest
+
+
+def verify_folder(folder: Path, fix: str, required: Iterable[str] = ()) -> None:
+    """Check every file ``MANIFEST`` lists against its sha256; ``required`` files must be listed
+    (a folder without a manifest passes unless something is required). ``fix`` ends the error."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    missing = [n for n in required if n not in (manifest or {})]
+    if missing:
+        raise SignSAEError(f"{folder} has no recorded hash for {missing} ({MANIFEST}); {fix}")
+    for name, digest in (manifest or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise SignSAEError(f"{path} is missing (listed in {MANIFEST}); {fix}")
+        if sha256_file(path) != digest:
+            raise SignSAEError(
+                f"{path} does not match the sha256 recorded when it was written: it is corrupt "
+                f"or was changed; {fix}"
+            )
+
+
+def check_inside(root: Path, paths: Iterable[Path], what: str) -> None:
+    """Refuse any of ``paths`` (or a symlink on the way to it) that leads out of ``root``: a
+    release or run folder must not reach files elsewhere on the machine."""
+    base = Path(root).resolve()
+    for path in paths:
+        if Path(path).exists() and not Path(path).resolve().is_relative_to(base):
+            raise SignSAEError(
+                f"{path} in {what} is a symlink to {Path(path).resolve()}, outside {base}; "
+                "replace the link with the file itself."
+            )
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or a one-line error naming the file when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SignSAEError(
+            f"{path} is not valid JSON ({e}); the file is truncated or corrupt."
+        ) from e
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -105,10 +335,7 @@ def read_cfg(folder: Path) -> dict[str, Any]:
             f"{folder} is not an SAE folder: no {SAE_CFG_FILENAME}.{hint} "
             f"Expected {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME} as written by save_model."
         )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SignSAEError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt.") from e
+    cfg = read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise SignSAEError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
     return cfg
@@ -156,14 +383,16 @@ def _is_instance(value: Any, expected: type) -> bool:
 def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> Any:
     """Load an SAE folder safely: checks before anything is built, clear errors after.
 
-    Refuses pickles, names a corrupt or truncated weights file, an unregistered architecture,
-    and unknown / missing / wrongly typed config fields; then loads through SAELens.
+    Refuses pickles, names a file that no longer matches its recorded hash (when the folder has
+    a manifest), a corrupt or truncated weights file, an unregistered architecture, and unknown /
+    missing / wrongly typed config fields; then loads through SAELens.
     """
     from sae_lens import SAE
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
     folder = Path(path)
     cfg = read_cfg(folder)
+    verify_folder(folder, "re-export, re-download or retrain the SAE.")
     arch = cfg.get("architecture")
     if arch not in SAE_CLASS_REGISTRY:
         raise SignSAEError(

@@ -39,7 +39,15 @@ from tqdm.auto import tqdm
 
 from sign_sae import distributed
 from sign_sae.errors import SignSAEError
-from sign_sae.storage import atomic_write_text, read_weights, write_folder
+from sign_sae.storage import (
+    atomic_write_text,
+    check_finite,
+    read_json,
+    read_weights,
+    verify_folder,
+    write_folder,
+)
+from sign_sae.typed import coerce_fields
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,10 @@ CHECKPOINT_FILES = (
     "trainer.safetensors",  # the trainer's tensors: the dead-latent clock
     "trainer.json",  # the trainer's counters, schedule state, history and Adam's groups
 )
+# TrainConfig fields that never change a result (compile: beyond rounding): a resume may
+# change them.
+BOOKKEEPING = ("checkpoint_every", "log_every", "compile")
+AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -76,10 +88,20 @@ class TrainConfig:
     # learning-rate multipliers by parameter-name pattern (fnmatch); they take precedence over
     # the SAE's own (``Constrained.lr_scales``), e.g. {"b_gate": 10.0} for a Gated SAE
     lr_scales: dict[str, float] = field(default_factory=dict)
+    # "bfloat16": the SAE's forward under torch.autocast (matmuls in bf16; master weights,
+    # optimiser state and gradients stay fp32); "float32": off
+    autocast_dtype: str = "float32"
+    compile: bool = False  # fuse the SA-GSAE step's element-wise passes (torch.compile)
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "train.")  # YAML's lr: 1e-3 is a string; refuse what does not convert
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            raise SignSAEError(
+                f"train.autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)}, "
+                f"got {self.autocast_dtype!r}."
+            )
         for name in ("total_steps", "batch_size", "lr"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise SignSAEError(f"{name} must be positive, got {getattr(self, name)}.")
         bad = {k: v for k, v in self.lr_scales.items() if not v > 0}
         if bad:
@@ -172,14 +194,17 @@ def _coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:
 
 
 def estimate_scaling_factor(data: BatchSource, d_in: int, n_batches: int = 8) -> float:
-    """sqrt(d_in / E||x||^2): over every row of an in-memory source (``TensorBatches``), so
-    the factor does not depend on the seed; otherwise over the first ``n_batches`` batches."""
+    """sqrt(d_in / E||x||^2) over the rows training can use (those without NaN/Inf): every row
+    of an in-memory source (``TensorBatches``), so the factor does not depend on the seed;
+    otherwise the first ``n_batches`` batches."""
     rows = getattr(data, "data", None)
-    if isinstance(rows, torch.Tensor):
-        sq = torch.cat([c.double().pow(2).sum(-1) for c in rows.split(65536)]).mean()
-        return math.sqrt(d_in / sq.item())
-    sq = [data.batch(i).pow(2).sum(-1).mean() for i in range(n_batches)]
-    return math.sqrt(d_in / torch.stack(sq).mean().item())
+    chunks = (
+        rows.split(65536) if isinstance(rows, torch.Tensor) else map(data.batch, range(n_batches))
+    )
+    sq = torch.cat([c[torch.isfinite(c).all(-1)].double().pow(2).sum(-1) for c in chunks])
+    if sq.numel() == 0 or not sq.mean() > 0:
+        return 1.0  # nothing to scale by: the first step names the bad rows
+    return math.sqrt(d_in / sq.mean().item())
 
 
 def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
@@ -188,7 +213,7 @@ def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
     finite = torch.isfinite(x).all(-1)
     if bool(finite.all()):
         return x
-    if skip:
+    if skip and finite.any():
         log.warning("step %d: skipped %d row(s) with NaN/Inf", step, int((~finite).sum()))
         return x[finite]
     bad = int((~torch.isfinite(x)).sum())
@@ -198,18 +223,41 @@ def _finite_rows(x: torch.Tensor, step: int, skip: bool) -> torch.Tensor:
     )
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``ckpt_root``, or None."""
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    folder = ckpt_root / pointer.read_text().strip()
-    if not (folder / "trainer.json").is_file():
-        raise SignSAEError(
-            f"{pointer} names {folder.name}, which is missing or incomplete; delete "
-            f"{ckpt_root} to restart the run from scratch."
-        )
-    return folder
+def checkpoints(ckpt_root: Path) -> list[Path]:
+    """The checkpoint folders under ``ckpt_root``, newest first (``latest`` names the first)."""
+    return sorted((p for p in Path(ckpt_root).glob("step_*") if p.is_dir()), reverse=True)
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """A checkpoint's files, after checking each against the sha256 recorded when it was
+    written; a damaged, truncated or incomplete folder is a ``SignSAEError`` naming the file."""
+    fix = f"delete {folder} to resume from an older checkpoint."
+    verify_folder(folder, fix, required=CHECKPOINT_FILES)
+    state = read_json(folder / "trainer.json")
+    clock = read_weights(folder / "trainer.safetensors")
+    keys = ("step", "history", "scaling_factor", "wall_s", "param_groups", "train_config")
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    missing += [] if "tokens_since_fired" in clock else ["tokens_since_fired"]
+    if missing:
+        raise SignSAEError(f"{folder} lacks {missing} in its files; {fix}")
+    return {
+        "state": state,
+        "sae_cfg": read_json(folder / "cfg.json"),
+        "sae": read_weights(folder / "sae_weights.safetensors"),
+        "optimizer": read_weights(folder / "optimizer.safetensors"),
+        "clock": clock["tokens_since_fired"],
+    }
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields (both dicts have) whose values differ, as ``name: saved -> now``; metadata
+    entries are compared one by one, SAELens's version stamps left out."""
+    norm = lambda d: json.loads(json.dumps(d, default=str))
+    saved, now = norm(saved), norm(now)
+    for d in (saved, now):
+        meta = d.pop("metadata", None) or {}
+        d.update({f"metadata.{k}": v for k, v in meta.items() if "version" not in k})
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in saved if k in now and saved[k] != now[k]]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -255,15 +303,21 @@ class Trainer:
         )
         self.step, self.history, self.wall_before, self.scale = 0, [], 0.0, 1.0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+        if cfg.compile and not hasattr(sae, "compile_step"):
+            log.warning("train.compile: %s has no compiled step; it runs eager", type(sae).__name__)
+        elif hasattr(sae, "compile_step"):
+            sae.compile_step = cfg.compile
+        dtype = AUTOCAST_DTYPES[cfg.autocast_dtype]
+        self.autocast = lambda: torch.autocast(
+            sae.device.type, dtype, enabled=dtype != torch.float32
+        )
 
     def run(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
         """Train to ``cfg.total_steps`` (or pause at ``stop_at``: checkpoint written, scaling
         NOT folded, so a later ``run(resume=True)`` continues) and fold the scaling in."""
         cfg, sae = self.cfg, self.sae
-        ckpt = latest_checkpoint(self.ckpt_root) if resume and self.ckpt_root else None
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        elif cfg.normalize:
+        resumed = self.resume() if resume and self.ckpt_root else False
+        if not resumed and cfg.normalize:
             self.scale = estimate_scaling_factor(self.data, sae.cfg.d_in)
         world = distributed.get_world()
         data = _local_share(self.data, world) if world > 1 else self.data
@@ -292,6 +346,7 @@ class Trainer:
             sae.eval()
             if self.scale != 1.0:
                 sae.fold_activation_norm_scaling_factor(self.scale)
+            check_finite(dict(sae.named_parameters()), f"the SAE trained for {end} steps")
         return TrainResult(end, self.wall_before, self.scale, self.history)
 
     def _step(self, step: int, batch: torch.Tensor) -> dict[str, float] | None:
@@ -301,15 +356,16 @@ class Trainer:
         x = x.to(sae.device, sae.dtype) * self.scale
         for group in self.opt.param_groups:
             group["lr"] = _lr_at(cfg, step) * group["lr_scale"]
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients=_coefficients(sae, step),
-                dead_neuron_mask=(clock >= cfg.dead_window_tokens).to(sae.device),
-                n_training_steps=step,
-                is_logging_step=False,
+        with self.autocast():
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients=_coefficients(sae, step),
+                    dead_neuron_mask=(clock >= cfg.dead_window_tokens).to(sae.device),
+                    n_training_steps=step,
+                    is_logging_step=False,
+                )
             )
-        )
         self.opt.zero_grad(set_to_none=True)
         n_rows, fired = self._reduce_step(out, step)
         out.loss.backward()
@@ -355,9 +411,11 @@ class Trainer:
         return n_rows, stats[2:] > 0
 
     def save_checkpoint(self, wall: float) -> None:
-        """Write ``step_<n>/`` atomically, then point ``latest`` at it and drop older ones."""
+        """Write ``step_<n>/`` atomically with its hashes and check it reads back; then point
+        ``latest`` at it and drop all but it and the one before (kept to fall back on)."""
         if not distributed.is_main() or self.ckpt_root is None:
             return
+        check_finite(self.sae.state_dict(), f"the SAE at step {self.step}")
         flat, groups = _optimizer_tensors(self.opt)
         state = {
             "step": self.step,
@@ -375,21 +433,49 @@ class Trainer:
             {"tokens_since_fired": self.tokens_since_fired},
             state,
         )
-        write_folder(self.ckpt_root / name, dict(zip(CHECKPOINT_FILES, contents, strict=True)))
-        # The pointer moves only once the new folder is complete; then older folders go.
+        folder = self.ckpt_root / name
+        write_folder(folder, dict(zip(CHECKPOINT_FILES, contents, strict=True)))
+        read_checkpoint(folder)  # the pointer moves only once the new folder reads back whole
         atomic_write_text(self.ckpt_root / LATEST, name)
-        for old in self.ckpt_root.glob("step_*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints(self.ckpt_root)[2:]:
+            shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, folder: Path) -> None:
-        """Restore the SAE, Adam and the trainer from a checkpoint folder."""
-        state = json.loads((folder / "trainer.json").read_text())
-        self.sae.load_state_dict(read_weights(folder / "sae_weights.safetensors"))
-        _load_optimizer(
-            self.opt, read_weights(folder / "optimizer.safetensors"), state["param_groups"]
-        )
-        self.tokens_since_fired = read_weights(folder / "trainer.safetensors")["tokens_since_fired"]
+    def resume(self) -> bool:
+        """Restore the newest checkpoint whose files match their hashes, falling back to the
+        one before (logged) when it is damaged; False when there is none."""
+        folders = checkpoints(self.ckpt_root)
+        for i, folder in enumerate(folders):
+            try:
+                ckpt = read_checkpoint(folder)
+            except (SignSAEError, FileNotFoundError) as e:
+                log.warning("checkpoint %s is damaged: %s", folder.name, e)
+                continue
+            if i:
+                log.warning("resuming from the previous good checkpoint %s", folder.name)
+            self.load_checkpoint(ckpt, folder)
+            return True
+        if folders:
+            raise SignSAEError(
+                f"No checkpoint under {self.ckpt_root} reads back whole (see the warnings "
+                f"above); delete {self.ckpt_root} to restart the run from scratch."
+            )
+        return False
+
+    def load_checkpoint(self, ckpt: dict[str, Any], folder: Path) -> None:
+        """Restore the SAE, Adam and the trainer from ``read_checkpoint(folder)``, after
+        checking that the SAE and training configs are the ones it was written with."""
+        state = ckpt["state"]
+        ours = {k: v for k, v in asdict(self.cfg).items() if k not in BOOKKEEPING}
+        changed = config_changes(ckpt["sae_cfg"], self.sae.cfg.to_dict())
+        changed += config_changes(state["train_config"], ours)
+        if changed:
+            raise SignSAEError(
+                f"{folder} was written with another config ({'; '.join(changed)}). Resume with "
+                f"the same settings, or delete {folder.parent} to start again with the new ones."
+            )
+        self.sae.load_state_dict(ckpt["sae"])
+        _load_optimizer(self.opt, ckpt["optimizer"], state["param_groups"])
+        self.tokens_since_fired = ckpt["clock"]
         self.step, self.history = state["step"], state["history"]
         self.scale, self.wall_before = state["scaling_factor"], state["wall_s"]
         log.info("resumed from %s at step %d", folder, self.step)

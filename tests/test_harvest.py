@@ -7,8 +7,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sign_sae.harvest import ActivationCache, InvalidCacheError, fingerprint, harvest
+from sign_sae.errors import SignSAEError
+from sign_sae.harvest import (
+    BF16_FORWARD_RTOL,
+    ActivationCache,
+    InvalidCacheError,
+    fingerprint,
+    harvest,
+)
 from sign_sae.models import DEFAULT_MODEL, hook_name, mid_layer
+from sign_sae.storage import sha256_file
 
 LOW_HOOKS = ["blocks.1.hook_attn_out", "blocks.2.hook_resid_mid", "blocks.3.hook_mlp_out"]
 
@@ -127,6 +135,24 @@ def test_other_tokens_or_dtype_rebuild(model, eval_tokens, tmp_path, forwards):
     assert forwards["model"] == 4
 
 
+def test_bf16_forward_is_within_its_stated_tolerance(
+    model, harvested, hooks, eval_tokens, tmp_path
+):
+    """A bfloat16-autocast forward gives every hook within BF16_FORWARD_RTOL (relative Frobenius
+    error) of the float32 harvest, and is recorded as such (a float32 request rebuilds it)."""
+    fp32 = harvested[1]
+    fast = harvest(model, eval_tokens, hooks, tmp_path, forward_dtype=torch.bfloat16)
+    for hook in hooks:
+        exact, approx = fp32[hook].load(), fast[hook].load()
+        error = float((approx - exact).norm() / exact.norm())
+        assert 0 < error < BF16_FORWARD_RTOL, (hook, error)
+        assert fast[hook].metadata["forward_dtype"] == "bfloat16"
+    rebuilt = harvest(model, eval_tokens, hooks[:1], tmp_path)[hooks[0]]
+    assert torch.equal(rebuilt.load(), fp32[hooks[0]].load())
+    with pytest.raises(SignSAEError, match="forward_dtype must be float32 or bfloat16"):
+        harvest(model, eval_tokens, hooks, tmp_path, forward_dtype=torch.float16)
+
+
 def test_truncated_shard_is_detected_and_rebuilt(
     model, eval_tokens, harvested, hooks, tmp_path, forwards
 ):
@@ -169,6 +195,9 @@ def test_nan_in_a_shard_is_reported_with_its_count(harvested, hooks, tmp_path):
     rows[3, 5] = float("nan")
     rows[7, :2] = float("inf")
     save_file({"acts": rows}, folder / "shard_00000.safetensors")
+    meta = json.loads((folder / "metadata.json").read_text())  # as if harvested with NaN
+    meta["shards"][0]["sha256"] = sha256_file(folder / "shard_00000.safetensors")
+    (folder / "metadata.json").write_text(json.dumps(meta))
     cache = ActivationCache.open(folder)
     with pytest.raises(ValueError, match="3 non-finite values") as err:
         cache.load()

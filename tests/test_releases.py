@@ -193,6 +193,7 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
             "cfg.json",
             "sae_weights.safetensors",
             "sparsity.safetensors",
+            "sha256.json",  # their hashes, checked on load
         }
     register(yaml_file=path)
     sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("tiny-run", f"{HOOK}/sa")

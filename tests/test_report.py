@@ -234,6 +234,10 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
     assert html.count('class="card"') == 4  # 2 signed latents, 2 matching gated latents
     assert "Latents of sa" in html and "Latents of gated" in html
     assert "Steering latent" in html and "Logit lens" in html and "R² vs L0" in html
+    # every statistic beside its control; a dial either beside random directions or marked
+    assert "against their controls" in html and "mirrored" in html
+    assert "opposites is not measured" in html
+    assert html.count("random directions [") + html.count("this dial has no control") >= 2
     assert "unpkg" not in html and html.count(bundle()) == 1
     props = json.loads(re.search(r'id="cv-props">(.*?)</script>', html, flags=re.S).group(1))
     assert props and all(p["props"]["tokens"] for p in props.values())
@@ -250,3 +254,35 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
         collect(run, model, latents=[10_000], n_tokens=32 * 4, alphas=())
     with pytest.raises(FileNotFoundError, match="no sweep.yaml"):
         render(tmp_path, tmp_path / "x.html", model=model)
+
+
+def test_default_picks_are_distinct_axes() -> None:
+    """The most bipolar latents are picked one axis each: a latent whose decoder direction is
+    within |cos| 0.5 of a picked one (either sign) is skipped for the next in order."""
+    from types import SimpleNamespace
+
+    from analyses.report.gather import _top
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    noise = 0.1 * torch.randn(3, 64, generator=g)
+    # latents 0, 1 and 2 share one axis (1 near +d0, 2 near -d0); 3 and 4 are other axes
+    W_dec = torch.stack([base[0], base[0] + noise[0], -base[0] + noise[1], base[1], base[2]])
+    minority = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    census = SimpleNamespace(
+        mass_pos=torch.ones(5), mass_neg=torch.ones(5), minority_mass=minority,
+        alive=torch.tensor([True, True, True, True, True]),
+    )  # fmt: skip
+    assert _top(census, 3, W_dec) == [0, 3, 4]
+    assert _top(census, 2, torch.eye(5, 64)) == [0, 1]  # orthogonal: plain minority-mass order
+    census.alive[0] = False
+    assert _top(census, 3, W_dec) == [1, 3, 4]
+
+
+def test_whitespace_tokens_render_as_visible_markers() -> None:
+    """Steering and logit-lens chips use the examples' markers, never an empty-looking chip."""
+    from analyses.report.layout import show_token
+
+    chip = lambda t: re.fullmatch(r'<code class="tok">(.*)</code>', show_token(t)).group(1)  # noqa: E731
+    assert [chip(t) for t in ("   ", "\n\n", "\t", "\xa0", "")] == ["␣␣␣", "↵↵", "→", "␣", "∅"]
+    assert chip(" the") == " the" and chip("<b>") == "&lt;b&gt;"

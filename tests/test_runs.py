@@ -6,9 +6,12 @@ transformer, and end to end on SmolLM2."""
 import json
 import math
 import shutil
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from sae_lens import SAE, HookedSAETransformer
 from sae_lens.saes.gated_sae import GatedSAE
 from transformer_lens import HookedTransformerConfig
@@ -204,7 +207,8 @@ def test_run_hash_keys_the_resolved_config(tmp_path, tiny):
             {"grid": [{"label": "x", "arch": "sa_gsae", "sparsity": [1], "options": {"threshold_param": "x"}}]},
             "grid entry 'x': .*threshold_param",
         ),
-        ({"grid": [{"label": "x", "arch": "gated", "sparsity": 1}]}, "non-empty lists of numbers"),
+        ({"grid": [{"label": "x", "arch": "gated", "sparsity": 1}]}, r"sparsity: expected .*list\[float\], got 1"),
+        ({"grid": [{"label": "x", "arch": "gated", "sparsity": []}]}, "non-empty lists of numbers"),
         (
             {"grid": [{"label": "x", "arch": "gated", "sparsity": [1]}] * 2},
             "run x_sp1_seed0 at tiny mlp_out is given twice",
@@ -218,6 +222,8 @@ def test_run_hash_keys_the_resolved_config(tmp_path, tiny):
         ({"data": {"ce_tokens": 16384}}, "ce_tokens must not exceed data.eval_tokens"),
         ({"data": {"model": "tiny"}}, r"data: unknown field\(s\) \['model'\]"),
         ({"train": {"total_steps": 0}}, "total_steps must be positive"),
+        ({"train": {"autocast_dtype": "fp16"}}, r"autocast_dtype must be one of \['bfloat16'"),
+        ({"data": {"forward_dtype": "float16"}}, "forward_dtype must be float32 or bfloat16"),
     ],
 )  # fmt: skip
 def test_bad_configs_are_refused_with_one_line(tmp_path, changes, message):
@@ -227,10 +233,13 @@ def test_bad_configs_are_refused_with_one_line(tmp_path, changes, message):
 
 
 def test_cli_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys, monkeypatch):
+    """A bad SAE option fails before any model load or harvest, naming the valid options."""
+
     def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded")
+        raise AssertionError("a model was loaded or activations harvested")
 
     monkeypatch.setattr(runs, "load_model", no_model)
+    monkeypatch.setattr(runs, "harvest", no_model)
     bad = tiny_sweep(tmp_path).to_dict()
     bad["grid"][1]["options"] = {"l1_coefficent": 3}  # misspelt
     (tmp_path / "bad.yaml").write_text(json.dumps(bad))
@@ -239,6 +248,7 @@ def test_cli_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys, monke
         err = capsys.readouterr().err
         assert err.startswith("sign-sae: error: ") and err.count("\n") == 1, err
         assert "grid entry 'gated_2H'" in err and "l1_coefficent" in err
+        assert "known fields are [" in err and "'l1_coefficient'" in err
     assert cli.main(["eval", str(tmp_path / "missing")]) == 2
     assert "No sweep file" in capsys.readouterr().err
 
@@ -352,7 +362,9 @@ def test_train_and_eval_commands_run_a_sweep_file(tmp_path, tiny, monkeypatch, c
     path.write_text(json.dumps(cfg.to_dict()))
     assert cli.main(["train", str(path)]) == 0
     assert cli.main(["eval", str(tmp_path / "out")]) == 0
-    table = capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("\nHeld-out metrics of 2 runs (") and "results.csv):" in out
+    table = out.split(":\n\n", 1)[1]
     assert table.startswith("| name | architecture | d_sae |")
     assert "| mlp_out/g_sp1_seed0 | gated | 16 |" in table
     assert "| attn_out/g_sp1_seed0 | gated | 16 |" in table
@@ -394,6 +406,21 @@ def test_profiles_load(name):
     assert cfg.grid and runs.plan(cfg)
 
 
+def test_the_example_run_file_loads_and_train_help_points_to_it(capsys):
+    """examples/run.yaml sets every data and train field (so it documents them all) and is
+    a valid sweep; ``sign-sae train --help`` names it."""
+    path = Path(__file__).parent.parent / "examples" / "run.yaml"
+    cfg = runs.load_sweep(path)
+    raw = yaml.safe_load(path.read_text())
+    unset = {f.name for f in fields(runs.DataConfig)} - set(raw["data"]) - {"harvest_batch_size"}
+    assert unset <= {"eval_batch_size"}, unset
+    assert set(raw["train"]) >= {"autocast_dtype", "compile", "total_steps", "batch_size", "lr"}
+    assert [p.entry.arch for p in runs.plan(cfg)] == ["sa_gsae"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "examples/run.yaml" in capsys.readouterr().out
+
+
 def test_cpu_profile_has_three_seeds_and_gpu_smoke_is_its_grid_on_cuda():
     cpu, smoke = runs.load_sweep("cpu"), runs.load_sweep("gpu-smoke")
     seeds = {}
@@ -411,11 +438,13 @@ def test_cpu_profile_has_three_seeds_and_gpu_smoke_is_its_grid_on_cuda():
 # ---- SmolLM2 end to end ---------------------------------------------------------------------
 def test_demo_profile_trains_the_demo_recipe(model):
     """The demo trains what ``make demo`` trained before the run system was one: the same
-    SAE configs, the same TrainConfig, seed 0, the sparsity warm-up over 10% of the steps."""
+    SAE configs, the same TrainConfig, seed 0, the sparsity warm-up over 10% of the steps;
+    for five minutes, a bfloat16 forward and bfloat16 autocast, and CE/KL on 4,096 tokens."""
     cfg = runs.load_sweep("demo")
     assert (cfg.data.text, cfg.data.context_size) == ("shakespeare", 128)
     budgets = (cfg.data.train_tokens, cfg.data.eval_tokens, cfg.data.ce_tokens)
-    assert budgets == (200_000, 16_384, 16_384)
+    assert budgets == (200_000, 16_384, 4096)
+    assert (cfg.data.harvest_dtype, cfg.data.forward_dtype) == ("float32", "bfloat16")
     sa, gated = runs.resolve(cfg, cfg.data.models[0], model)
     recipe = TrainConfig(
         total_steps=585,
@@ -425,6 +454,7 @@ def test_demo_profile_trains_the_demo_recipe(model):
         lr_decay_steps=117,
         checkpoint_every=100,
         log_every=15,
+        autocast_dtype="bfloat16",
     )
     meta = {"model_name": "smollm2-135m", "context_size": 128, "prepend_bos": True}
     meta["hook_name"] = "blocks.15.hook_mlp_out"

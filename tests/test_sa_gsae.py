@@ -293,6 +293,38 @@ def test_threshold_gradient_is_summed_per_latent(float64):
     assert (t.grad <= 0).all() and (t.grad != 0).any()
 
 
+def _boolean_mask_encode(sae: SAGSAE, x: torch.Tensor) -> torch.Tensor:
+    """The inference encode written with boolean masks: the reference for the mask-free form."""
+    z = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    if not sae.cfg.two_sided:
+        return z * (z > sae.threshold_pos).to(z)
+    if sae.cfg.tied:
+        return z * ((z > sae.threshold_pos) | (-z > sae.threshold_neg)).to(z)
+    z_neg = sae.scale_neg * (z - sae.b_enc) + sae.b_enc_neg
+    return z * (z > sae.threshold_pos).to(z) + z_neg * (-z_neg > sae.threshold_neg).to(z)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_free_encode_equals_boolean_masks_bit_for_bit(variant, dtype, tmp_path):
+    """The mask-free gate |sign(clamp(z, -t-, t+) - z)| opens exactly where the boolean masks
+    do, ties (z equal to a threshold) and the sign of zero included."""
+    make_sae(**variant).save_inference_model(tmp_path)
+    sae = SAE.load_from_disk(tmp_path).to(dtype)
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    z = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    with torch.no_grad():  # put some pre-activations exactly on a threshold
+        sae.threshold_pos[:8] = z[0, :8].abs()
+        if sae.cfg.two_sided:
+            sae.threshold_neg[8:16] = z[1, 8:16].abs()
+    with torch.inference_mode():
+        got, want = sae.encode(x), _boolean_mask_encode(sae, x)
+    assert got.dtype == want.dtype == dtype
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert (got != 0).any() and (got == 0).any()
+
+
 # ---- bad input --------------------------------------------------------------------------
 def test_wrong_width_is_a_clear_error():
     sae = make_sae()
@@ -328,3 +360,48 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
 def test_bad_training_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SAGSAETrainingSAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, **kwargs})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_either_saved_form_loads_with_either_class(variant, x, tmp_path):
+    sae = make_sae(**variant)
+    out = sae.decode(sae.encode(x))
+    sae.save_model(tmp_path / "training")
+    sae.save_inference_model(tmp_path / "inference")
+    inf = SAE.load_from_disk(tmp_path / "training")
+    back = TrainingSAE.load_from_disk(tmp_path / "inference")
+    assert type(inf) is SAGSAE and type(back) is SAGSAETrainingSAE
+    assert back.cfg.tied == sae.cfg.tied and back.cfg.two_sided == sae.cfg.two_sided
+    for other in (inf, back):
+        torch.testing.assert_close(other.decode(other.encode(x)), out, atol=1e-5, rtol=1e-5)
+        assert torch.equal(other.encode(x) == 0, sae.encode(x) == 0)
+    # the converted training form keeps the method's constraint: thresholds >= 0
+    assert (back.threshold_pos >= 0).all()
+    if sae.cfg.two_sided:
+        assert (back.threshold_neg >= 0).all()
+
+
+def test_an_inference_sae_whose_gates_overlap_is_refused(tmp_path):
+    cfg = SAGSAEConfig(d_in=D_IN, d_sae=D_SAE, tied=False)
+    sae = SAGSAE(cfg)
+    with torch.no_grad():
+        sae.scale_neg.fill_(1.0)
+        sae.b_enc_neg.fill_(-5.0)  # z_neg < 0 up to p = 5: the two sides overlap on (0, 5)
+    sae.save_model(tmp_path)
+    with pytest.raises(SignSAEError, match="open both gates"):
+        TrainingSAE.load_from_disk(tmp_path)
+
+
+@pytest.mark.parametrize("save", ["save_model", "save_inference_model"])
+def test_saving_into_a_folder_leaves_files_it_does_not_write(save, x, tmp_path):
+    """SAELens's trainer saves into its checkpoint folder, which holds other files already."""
+    (tmp_path / "final_1").mkdir()
+    (tmp_path / "final_1" / "keep.txt").write_text("kept")
+    (tmp_path / "sparsity.safetensors").write_bytes(b"not ours")
+    sae = make_sae()
+    getattr(sae, save)(tmp_path)
+    getattr(sae, save)(tmp_path)  # and again over the first save
+    assert (tmp_path / "final_1" / "keep.txt").read_text() == "kept"
+    assert (tmp_path / "sparsity.safetensors").read_bytes() == b"not ours"
+    loaded = (SAE if save == "save_inference_model" else TrainingSAE).load_from_disk(tmp_path)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)

@@ -216,3 +216,25 @@ def test_saelens_run_evals(arch, tiny, tmp_path):
     ]
     assert all(math.isfinite(v) for v in values), metrics
     assert 0 < metrics["sparsity"]["l0"] < D_SAE
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_either_form_loads_with_either_loader(arch, tmp_path):
+    """A training checkpoint loads as an inference SAE, and an inference folder (a release)
+    loads as a training SAE to continue training; both compute the saved function, and a round
+    trip training -> inference -> training keeps it."""
+    sae = make(arch)
+    out = sae.decode(sae.encode(x()))
+    sae.save_model(tmp_path / "training")
+    sae.save_inference_model(tmp_path / "inference")
+    inf = SAE.load_from_disk(tmp_path / "training")
+    train = TrainingSAE.load_from_disk(tmp_path / "inference")
+    assert not isinstance(inf, TrainingSAE) and isinstance(train, TrainingSAE)
+    for other in (inf, train):
+        torch.testing.assert_close(other.decode(other.encode(x())), out, atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.sign(other.encode(x())), torch.sign(sae.encode(x())))
+    loss = train.training_forward_pass(_step_input(train, x())).loss
+    assert torch.isfinite(loss)  # and it trains from there
+    train.save_inference_model(tmp_path / "again")
+    again = SAE.load_from_disk(tmp_path / "again")
+    torch.testing.assert_close(again(x()), out, atol=1e-5, rtol=1e-5)

@@ -99,7 +99,7 @@ class Components:
         self._specs[div_id] = {
             "component": "ColoredTokens",
             "props": {
-                "tokens": [escape(_visible(t)) for t in tokens],
+                "tokens": [escape(visible_token(t)) for t in tokens],
                 "values": [float(v) if math.isfinite(v) else 0.0 for v in values],
                 "minValue": -limit,
                 "maxValue": limit,
@@ -107,12 +107,12 @@ class Components:
                 "positiveColor": POS_COLOR,
             },
         }
-        return f'<div class="cv" id="{div_id}">{escape("".join(map(_visible, tokens)))}</div>'
+        return f'<div class="cv" id="{div_id}">{escape("".join(map(visible_token, tokens)))}</div>'
 
     def props_json(self) -> str:
         return script_json(self._specs)
 
 
-def _visible(token: str) -> str:
+def visible_token(token: str) -> str:
     """Line breaks and tabs as symbols, so each example stays on one line."""
     return token.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵").replace("\t", "→")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from analyses import logit_lens, polarity, steering
 from analyses.pairs import matching_pair
@@ -28,6 +29,8 @@ DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
 WINDOW = (12, 4)  # tokens shown before and after each top activation
 LENS_TOKENS = 8
+N_CONTROLS = 2  # norm-matched random directions steered beside each latent
+DISTINCT_COSINE = 0.5  # default picks: |cos| of decoder directions at most this, pairwise
 
 Latents = Sequence[int] | Mapping[str, Sequence[int]]
 # The columns of a run's results rows that the report's table reads.
@@ -69,8 +72,18 @@ def collect(
     model_name = next(iter(found.values()))["model"]
     model = model if model is not None else load_model(model_name)
     tokens = tokenize(model, load_texts(data.text, "eval"), data.context_size, n_tokens)
+    n_batches = math.ceil(tokens.shape[0] / batch_size)
     acts = {
-        hook: torch.cat(list(hook_activations(model, tokens, hook, batch_size)))
+        hook: torch.cat(
+            list(
+                tqdm(
+                    hook_activations(model, tokens, hook, batch_size),
+                    total=n_batches,
+                    desc=f"report: {hook}",
+                    unit="batch",
+                )
+            )
+        )
         for hook in dict.fromkeys(hooks.values())
     }
     censuses = {
@@ -83,6 +96,12 @@ def collect(
         )
         for name, sae in loaded.items()
     }
+    mirrored = {
+        name: polarity.census_from_activations(
+            sae, polarity.sign_surrogate(acts[hooks[name]][:, 1:].flatten(0, 1)).split(4096)
+        )
+        for name, sae in loaded.items()
+    }
     signed = {name: int(c.n_neg.sum()) > 0 for name, c in censuses.items()}
     chosen = _selection(loaded, censuses, hooks, signed, latents, n_latents)
     prompts = tokens[:n_prompts, :prompt_len]
@@ -92,6 +111,8 @@ def collect(
                  (model, alphas, prompts))
         for name in loaded
     ]  # fmt: skip
+    for sec in sections:
+        sec.mirrored = mirrored[sec.name]
     rows = _result_rows(run, found)
     facts = [
         ("model", model_name),
@@ -126,7 +147,7 @@ def _section(
     sae, hook = loaded[name], hooks[name]
     others = [o for o in loaded if o != name and hooks[o] == hook]
     cards = []
-    for i in ids[:MAX_CARDS]:
+    for i in tqdm(ids[:MAX_CARDS], desc=f"report: {name} dashboards", unit="latent"):
         card = _card(model, sae, census, acts[hook], tokens, i, alphas, prompts, words)
         card.matches = [
             m for o in others for m in _matches(sae, i, signed[name], o, loaded[o], signed[o])
@@ -219,25 +240,34 @@ def _selection(
         chosen[name] = [int(i) for i in dict.fromkeys(ids)]
     for name in loaded:
         if name not in chosen and signed[name]:
-            chosen[name] = _top(censuses[name], n_latents)
+            chosen[name] = _top(censuses[name], n_latents, loaded[name].W_dec)
     for name in loaded:
         if name in chosen:
             continue
         partner = next((s for s in loaded if signed[s] and hooks[s] == hooks[name]), None)
         if partner is None:
-            chosen[name] = _top(censuses[name], n_latents)
+            chosen[name] = _top(censuses[name], n_latents, loaded[name].W_dec)
             continue
         pairs = [matching_pair(loaded[partner], i, loaded[name]) for i in chosen[partner]]
         chosen[name] = list(dict.fromkeys(j for ab in pairs for j in ab))[:n_latents]
     return chosen
 
 
-def _top(census: polarity.PolarityCensus, n: int) -> list[int]:
-    """Alive latents by minority-sign mass, ties broken by total mass, then id."""
+def _top(census: polarity.PolarityCensus, n: int, W_dec: torch.Tensor) -> list[int]:
+    """Alive latents by minority-sign mass, ties broken by total mass, then id, skipping any
+    whose decoder direction is within ``DISTINCT_COSINE`` (|cos|: d and -d are one axis) of one
+    already picked, so that the dashboards show n different axes rather than one n times."""
     total = census.mass_pos + census.mass_neg
     order = total.argsort(descending=True, stable=True)
     order = order[census.minority_mass[order].argsort(descending=True, stable=True)]
-    return [int(i) for i in order if census.alive[i]][:n]
+    directions = torch.nn.functional.normalize(W_dec.detach().float(), dim=-1)
+    picked: list[int] = []
+    for i in (int(i) for i in order if census.alive[i]):
+        if len(picked) == n:
+            break
+        if not picked or (directions[picked] @ directions[i]).abs().max() <= DISTINCT_COSINE:
+            picked.append(i)
+    return picked
 
 
 def _card(
@@ -252,17 +282,35 @@ def _card(
     words: dict[int, str],
 ) -> Card:
     """One latent's dashboard: examples of both signs, logit lens, and (with ``alphas``) a
-    steering dial in typical firings of the latent."""
+    steering dial in typical firings of the latent, scored on targets fixed from the rows that
+    are not steering prompts, beside norm-matched random directions on the same targets."""
     notes = []
     lens = None
     try:
         lens = logit_lens.logit_lens(model, sae.W_dec[latent], k=LENS_TOKENS)
     except ValueError as e:
         notes.append(f"Logit lens skipped: {e}")
-    dial = None
+    dial, controls = None, []
     if alphas and int(census.n_fired[latent]) > 0:
         scale = steering.typical_scale(census, sae, latent)
-        dial = steering.dial(model, sae, latent, alphas, prompts, scale=scale, k_tokens=LENS_TOKENS)
+        try:
+            targets = steering.context_targets(
+                census, tokens, latent, LENS_TOKENS, exclude_rows=prompts.shape[0]
+            )
+        except ValueError:
+            targets = None
+            notes.append(
+                "Steering targets are the logit-lens tokens of the latent's own direction (it has "
+                "no next-token examples of both signs outside the prompts): any direction scores "
+                "well on its own lens tokens, so this dial has no control."
+            )
+        dial = steering.dial(
+            model, sae, latent, alphas, prompts, scale=scale, k_tokens=LENS_TOKENS, targets=targets
+        )
+        if targets is not None:
+            controls = steering.random_dials(
+                model, sae, alphas, prompts, targets, n=N_CONTROLS, seed=latent, scale=scale
+            )
     elif alphas:
         notes.append("No steering dial: the latent never fired on these tokens.")
     return Card(
@@ -271,6 +319,7 @@ def _card(
         neg=_examples(sae, census.examples(latent, "-"), acts, tokens, latent, model, words),
         lens=lens,
         dial=dial,
+        controls=controls,
         notes=notes,
     )
 

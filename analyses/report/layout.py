@@ -18,8 +18,15 @@ from analyses import concentration
 from analyses.frontier import pareto
 from analyses.logit_lens import LogitLens
 from analyses.polarity import PolarityCensus
-from analyses.report.circuits import BOOT_JS, Components, bundle, content_security_policy
+from analyses.report.circuits import (
+    BOOT_JS,
+    Components,
+    bundle,
+    content_security_policy,
+    visible_token,
+)
 from analyses.steering import Dial
+from sign_sae.metrics import BIPOLAR_BALANCE
 from sign_sae.runs import SUMMARY
 
 THRESHOLDS = [i / 40 for i in range(21)]  # balance thresholds 0, 0.025, ..., 0.5
@@ -69,6 +76,7 @@ class Card:
     neg: list[Example]
     lens: LogitLens | None = None
     dial: Dial | None = None
+    controls: list[Dial] = field(default_factory=list)  # random directions, same targets
     matches: list[Match] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -86,6 +94,7 @@ class SAESection:
     census: PolarityCensus
     cards: list[Card]
     n_cut: int = 0  # selected latents left without a dashboard
+    mirrored: PolarityCensus | None = None  # the census on sign-mirrored inputs (the control)
 
 
 @dataclass
@@ -107,6 +116,8 @@ def page(report: Report) -> str:
     if report.saes:
         body.append(_parameters(report.saes))
     body.append(_figures(report))
+    if report.saes:
+        body.append(_controls(report.saes))
     for k, sec in enumerate(report.saes):
         body.append(_dashboards(k, sec, report.saes, cv))
     template = Template((files("analyses.report") / "template.html").read_text(encoding="utf-8"))
@@ -136,10 +147,10 @@ def fmt(value: Any, spec: str = "{:.4g}") -> str:
 
 
 def show_token(token: str) -> str:
-    """A token as visible, escaped text: newlines and tabs spelled out, spaces kept (shown as ␣
-    when the token is only spaces), ∅ for the empty string."""
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if text and not text.strip(" "):
+    """A token as visible, escaped text with the examples' markers: line breaks ↵, tabs →, a
+    token of other whitespace (spaces, no-break spaces) one ␣ per character; ∅ when empty."""
+    text = visible_token(token)
+    if text.isspace():
         text = "␣" * len(text)
     return f'<code class="tok">{escape(text) if text else "∅"}</code>'
 
@@ -304,12 +315,17 @@ def _histogram(values: list[float], width: float, n: int) -> list[float]:
 
 
 def _bipolar_curve(saes: list[SAESection]) -> str:
+    """Observed balance curve per SAE, dashed: the same SAE on sign-mirrored inputs (the
+    control: what it gives when every direction of the data is symmetric)."""
     series = []
     for k, sec in enumerate(saes):
         col = plots.color(k)
         series.append(plots.Series(sec.name, THRESHOLDS, sec.census.balance_curve(THRESHOLDS), col))
-        null = sec.census.sign_flip_null(0).balance_curve(THRESHOLDS)
-        series.append(plots.Series(f"{sec.name} null", THRESHOLDS, null, col, dashed=True))
+        if sec.mirrored is not None:
+            mirrored = sec.mirrored.balance_curve(THRESHOLDS)
+            series.append(
+                plots.Series(f"{sec.name} mirrored", THRESHOLDS, mirrored, col, dashed=True)
+            )
     return plots.chart(
         series,
         "Bipolar fraction vs threshold",
@@ -332,6 +348,10 @@ def _concentration(saes: list[SAESection]) -> str:
             continue
         ranks = list(range(1, len(curve) + 1))
         series.append(plots.Series(f"{sec.name} @ {sec.hook}", ranks, curve, plots.color(k)))
+        null = concentration.top_latents(sec.census.sign_flip_null(0), k=[1]).curve.tolist()
+        series.append(
+            plots.Series(f"{sec.name} sign-flip null", ranks, null, plots.color(k), dashed=True)
+        )
     if not series:
         return plots.empty(title, "no SAE has minority-sign mass (all non-negative)")
     fig = plots.chart(
@@ -348,6 +368,41 @@ def _concentration(saes: list[SAESection]) -> str:
     return fig
 
 
+def _controls(saes: list[SAESection]) -> str:
+    """Each polarity and concentration statistic beside the control it must beat."""
+    rows = []
+    for sec in saes:
+        c, m = sec.census, sec.mirrored
+        conc = concentration.top_latents(c, [10])
+        null = concentration.top_latents(c.sign_flip_null(0), [10])
+        rows.append(
+            f"<tr><td class=l>{escape(sec.name)}</td><td>{fmt(c.l0, '{:.3g}')}</td>"
+            f"<td>{fmt(c.bipolar_fraction(), '{:.3f}')}</td>"
+            f"<td>{fmt(m.bipolar_fraction() if m else None, '{:.3f}')}</td>"
+            f"<td>{fmt(c.sign_flip_null(0).bipolar_fraction(), '{:.3f}')}</td>"
+            f"<td>{fmt(c.mass_weighted_bipolarity(), '{:.3f}')}</td>"
+            f"<td>{fmt(m.mass_weighted_bipolarity() if m else None, '{:.3f}')}</td>"
+            f"<td>{fmt(conc.share[0], '{:.3f}')}</td><td>{fmt(null.share[0], '{:.3f}')}</td></tr>"
+        )
+    head = (
+        "<tr><th class=l>SAE</th><th>L0</th><th>bipolar</th><th>mirrored</th>"
+        "<th>sign-flip null</th><th>mass bipolarity</th><th>mirrored</th>"
+        "<th>top-10 share</th><th>sign-flip null</th></tr>"
+    )
+    return (
+        '<section id="controls"><h2>Polarity and concentration against their controls</h2>'
+        f"<table>{head}{''.join(rows)}</table><p class=note>bipolar: share of alive latents "
+        f"with balance ≥ {BIPOLAR_BALANCE}; mass bipolarity: minority-sign mass / all mass. "
+        "Mirrored: the same SAE on the held-out activations reflected through their mean on a "
+        "random half of the tokens (every direction symmetric): bipolarity that reflects "
+        "one-signed structure in the data sits below it. Sign-flip null: each firing's sign a "
+        "fair coin; it is near 1 for any latent that fires often, so it cannot fail as a "
+        "bipolarity control, and it is shown for concentration: minority mass spread as the "
+        "latents' total mass is. Top-10 share: minority-sign mass held by the 10 latents with "
+        "the most of it.</p></section>"
+    )
+
+
 def _dashboards(k: int, sec: SAESection, saes: list[SAESection], cv: Components) -> str:
     anchors = {(s.name, c.latent) for s in saes for c in s.cards}
     index = {s.name: j for j, s in enumerate(saes)}
@@ -358,10 +413,17 @@ def _dashboards(k: int, sec: SAESection, saes: list[SAESection], cv: Components)
         if sec.n_cut
         else ""
     )
+    opposites = (
+        "<p class=note>Whether the two sides of a latent are recognisable opposites is not "
+        "measured (no blind rating was run): read the top positive and negative contexts side "
+        "by side.</p>"
+        if int(sec.census.n_neg.sum()) > 0
+        else ""
+    )
     return (
         f'<section id="sae{k}"><h2>Latents of {escape(sec.name)} '
         f"<small>({escape(sec.architecture)}, {sec.d_sae:,} latents, {escape(sec.hook)})</small>"
-        f"</h2>{cards or '<p class=note>No latents selected.</p>'}{cut}</section>"
+        f"</h2>{opposites}{cards or '<p class=note>No latents selected.</p>'}{cut}</section>"
     )
 
 
@@ -397,7 +459,7 @@ def _card(
         f'<p class="stats">{stats}</p>'
         f"{f'<p class=note>Closest decoder directions: {matches}</p>' if matches else ''}"
         f'<div class="cols">{sides}</div><div class="cols"><section>{_lens(card.lens)}</section>'
-        f"<section>{_dial(i, card.dial)}</section></div>{notes}</article>"
+        f"<section>{_dial(i, card.dial, card.controls)}</section></div>{notes}</article>"
     )
 
 
@@ -444,21 +506,27 @@ def _lens(lens: LogitLens | None) -> str:
     )
 
 
-def _dial(latent: int, dial: Dial | None) -> str:
+def _dial(latent: int, dial: Dial | None, controls: Sequence[Dial] = ()) -> str:
     head = "<h4>Steering dial</h4>"
     if dial is None or not dial.points:
         return f'{head}<p class="note">No steering sweep for this latent.</p>'
     alphas = [p.alpha for p in dial.points]
     unit = "hook-space norm" if dial.scale == 1.0 else f"typical firings (× {dial.scale:.3g})"
+    series = [
+        plots.Series(
+            "effect = shift(T+) − shift(T−)", alphas, [p.effect for p in dial.points], "#333"
+        ),
+        plots.Series(
+            "KL(clean ‖ steered)", alphas, [p.kl for p in dial.points], "#999", dashed=True
+        ),
+    ]
+    if controls:
+        mean = [
+            sum(c.points[j].effect for c in controls) / len(controls) for j in range(len(alphas))
+        ]
+        series.append(plots.Series("effect, random directions", alphas, mean, "#c33", dashed=True))
     fig = plots.chart(
-        [
-            plots.Series(
-                "effect = shift(T+) − shift(T−)", alphas, [p.effect for p in dial.points], "#333"
-            ),
-            plots.Series(
-                "KL(clean ‖ steered)", alphas, [p.kl for p in dial.points], "#999", dashed=True
-            ),
-        ],
+        series,
         f"Steering latent {latent} ({dial.mode})",
         f"alpha ({unit})",
         "nats",
@@ -474,5 +542,27 @@ def _dial(latent: int, dial: Dial | None) -> str:
     return (
         f'{head}{fig}<p class="note">monotonicity {fmt(dial.monotonicity, "{:.2f}")} · '
         f"antisymmetry {fmt(dial.antisymmetry, '{:.2f}')} (1 = a perfect two-way dial)</p>"
-        f"{promoted}"
+        f"{_specificity(dial, controls, hi.alpha, lo.alpha)}{promoted}"
+    )
+
+
+def _specificity(dial: Dial, controls: Sequence[Dial], *alphas: float) -> str:
+    """Specificity (on-target shift / sqrt(KL)) of the latent and of its random controls at
+    the extreme alphas, with 95% intervals over prompts."""
+    if not controls or not all(dial.at(a).effect_prompts for a in alphas if a != 0):
+        return ""
+
+    def show(v: tuple[float, float, float]) -> str:
+        return f"{fmt(v[0], '{:+.2f}')} [{fmt(v[1], '{:+.2f}')}, {fmt(v[2], '{:+.2f}')}]"
+
+    parts = []
+    for a in (a for a in alphas if a != 0):
+        own = dial.at(a).specificity()
+        ctl = [c.at(a).specificity() for c in controls]
+        mean = sum(v[0] for v in ctl) / len(ctl)
+        band = (mean, min(v[1] for v in ctl), max(v[2] for v in ctl))
+        parts.append(f"α = {a:+g}: latent {show(own)} · random directions {show(band)}")
+    return (
+        '<p class="note">Specificity = sign(α) × on-target shift / √KL, 95% interval over '
+        f"prompts; targets fixed from other rows: {' · '.join(parts)}</p>"
     )
