@@ -199,13 +199,23 @@ def check_input(x: torch.Tensor, d_in: int, hook_name: str | None) -> None:
         )
 
 
-class CheckedInput:
-    """Both SAEs: clear errors for activations of the wrong width or with NaN/Inf entries
-    before anything is computed from them."""
+class SAGSAEForms:
+    """What both SAEs share: clear errors for activations of the wrong width or with NaN/Inf
+    entries before anything is computed from them, and loading either saved form (a folder of
+    the other form is converted by ``from_other_form``, the same function either way)."""
 
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         check_input(self.reshape_fn_in(sae_in), self.cfg.d_in, self.cfg.metadata.hook_name)
         return super().process_sae_in(sae_in)  # type: ignore[misc]
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        converted = self.from_other_form(state_dict)
+        if converted is not None:
+            state_dict.clear()
+            state_dict.update(converted)
+
+    def from_other_form(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        raise NotImplementedError
 
 
 def latent_vector(sae: SAE, value: float) -> nn.Parameter:
@@ -223,7 +233,7 @@ def save_sae_folder(
 
 
 # ---- inference -----------------------------------------------------------------------------
-class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
+class SAGSAE(SAGSAEForms, SAE[SAGSAEConfig]):
     """Sign-aware gated SAE at inference: signed latents, exactly zero when inactive."""
 
     b_enc: nn.Parameter
@@ -245,7 +255,8 @@ class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+        # one fused matmul-and-bias (addmm) rather than a matmul and a separate F-wide add
+        z = self.hook_sae_acts_pre(F.linear(self.process_sae_in(x), self.W_enc.T, self.b_enc))
         if not self.cfg.two_sided:
             feats = open_gate(z, self.threshold_pos).mul_(z)
         elif self.cfg.tied:
@@ -256,13 +267,11 @@ class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
             feats += open_gate(-z_neg, self.threshold_neg).mul_(z_neg)
         return self.hook_sae_acts_post(feats)
 
-    @override
-    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """A training checkpoint folder loads too: its parameters are folded on load."""
-        if "b_gate" in state_dict:
-            converted = to_inference_state(state_dict, self.cfg.tied, self.cfg.two_sided)
-            state_dict.clear()
-            state_dict.update(converted)
+    def from_other_form(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """A training checkpoint's parameters, folded (None for this form's own)."""
+        if "b_gate" not in state:
+            return None
+        return to_inference_state(state, self.cfg.tied, self.cfg.two_sided)
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -296,7 +305,7 @@ class SAGSAE(CheckedInput, SAE[SAGSAEConfig]):
 
 
 # ---- training ------------------------------------------------------------------------------
-class SAGSAETrainingSAE(CheckedInput, TrainingSAE[SAGSAETrainingSAEConfig]):
+class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
     """Trainable SA-GSAE; ``save_inference_model`` folds it into ``SAGSAE``.
 
     Speed switches (attributes, not config: they never change a result beyond rounding):
@@ -512,13 +521,12 @@ class SAGSAETrainingSAE(CheckedInput, TrainingSAE[SAGSAETrainingSAEConfig]):
         """The folded Bi-Jump-ReLU parameters of ``SAGSAE`` (the same function)."""
         return to_inference_state(self.state_dict(), self.cfg.tied, self.cfg.two_sided)
 
-    @override
-    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """An inference folder loads too (to continue training from a released SAE)."""
-        if "b_enc" in state_dict:
-            converted = to_training_state(state_dict, self.cfg.tied, self.cfg.two_sided)
-            state_dict.clear()
-            state_dict.update(converted)
+    def from_other_form(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """An inference folder's parameters, unfolded, to continue training from a released
+        SAE (None for this form's own)."""
+        if "b_enc" not in state:
+            return None
+        return to_training_state(state, self.cfg.tied, self.cfg.two_sided)
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:

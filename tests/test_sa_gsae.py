@@ -293,9 +293,15 @@ def test_threshold_gradient_is_summed_per_latent(float64):
     assert (t.grad <= 0).all() and (t.grad != 0).any()
 
 
+def _pre_activation(sae: SAGSAE, x: torch.Tensor) -> torch.Tensor:
+    """z as the SAE's own encode computes it (read at its hook point)."""
+    with torch.inference_mode():
+        return sae.run_with_cache(x, names_filter="hook_sae_acts_pre")[1]["hook_sae_acts_pre"]
+
+
 def _boolean_mask_encode(sae: SAGSAE, x: torch.Tensor) -> torch.Tensor:
     """The inference encode written with boolean masks: the reference for the mask-free form."""
-    z = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    z = _pre_activation(sae, x)
     if not sae.cfg.two_sided:
         return z * (z > sae.threshold_pos).to(z)
     if sae.cfg.tied:
@@ -312,7 +318,7 @@ def test_mask_free_encode_equals_boolean_masks_bit_for_bit(variant, dtype, tmp_p
     make_sae(**variant).save_inference_model(tmp_path)
     sae = SAE.load_from_disk(tmp_path).to(dtype)
     x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype)
-    z = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    z = _pre_activation(sae, x)
     with torch.no_grad():  # put some pre-activations exactly on a threshold
         sae.threshold_pos[:8] = z[0, :8].abs()
         if sae.cfg.two_sided:
