@@ -5,25 +5,14 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from test_analyses_polarity import identity_sagsae
 
 from analyses import concentration, pairs, polarity, steering
-from sign_sae import SAGSAE, SAGSAEConfig
 from sign_sae.architectures import make_training_sae
 from sign_sae.synthetic import SyntheticData, SyntheticSpec
 from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 HOOK = "blocks.0.hook_resid_post"
-
-
-def identity_sagsae(d: int, threshold: float = 0.05) -> SAGSAE:
-    """Latent k reads and writes coordinate k (the ground-truth coefficients themselves)."""
-    sae = SAGSAE(SAGSAEConfig(d_in=d, d_sae=d, metadata=SAEMetadata(hook_name=HOOK)))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(d))
-        sae.W_dec.copy_(torch.eye(d))
-        sae.threshold_pos.fill_(threshold)
-        sae.threshold_neg.fill_(threshold)
-    return sae
 
 
 def sparse_coefficients(n: int, n_bipolar: int, n_one_signed: int, seed: int) -> torch.Tensor:
@@ -99,14 +88,14 @@ def test_mirrored_census_separates_one_signed_latents_from_symmetric_ones() -> N
 
 def test_mass_weighted_bipolarity_is_the_minority_mass_share() -> None:
     f = sparse_coefficients(20_000, 3, 9, seed=0)
-    c = polarity.census_from_activations(identity_sagsae(12), [f])
+    c = polarity.census_from_activations(identity_sagsae(12, 0.05), [f])
     on = f.abs() >= 0.05
     minority = torch.minimum((f * (f > 0) * on).sum(0), (-f * (f < 0) * on).sum(0))
     assert c.mass_weighted_bipolarity() == pytest.approx(
         (minority.sum() / (f.abs() * on).sum()).item(), rel=1e-5
     )
     # planted: only 3 of 12 coordinates carry a minority side; symmetric Gaussian: all do.
-    gauss = polarity.census_from_activations(identity_sagsae(12), [torch.randn(20_000, 12)])
+    gauss = polarity.census_from_activations(identity_sagsae(12, 0.05), [torch.randn(20_000, 12)])
     assert c.mass_weighted_bipolarity() < 0.2 < 0.45 < gauss.mass_weighted_bipolarity()
 
 
@@ -116,13 +105,13 @@ def test_concentration_beats_its_null_only_where_bipolarity_is_planted() -> None
     1), while the sign-flip null spreads it as the total mass is (~3/30). All 30 bipolar: real
     and null agree. Comparing with the real census instead of its null would fail here."""
     planted = polarity.census_from_activations(
-        identity_sagsae(30), [sparse_coefficients(20_000, 3, 27, seed=1)]
+        identity_sagsae(30, 0.05), [sparse_coefficients(20_000, 3, 27, seed=1)]
     )
     real, null = (concentration.top_latents(c, [3]) for c in (planted, planted.sign_flip_null()))
     assert real.share[0] > 0.99 and null.share[0] < 0.2
     assert real.gini > null.gini + 0.5
     symmetric = polarity.census_from_activations(
-        identity_sagsae(30), [sparse_coefficients(20_000, 30, 0, seed=2)]
+        identity_sagsae(30, 0.05), [sparse_coefficients(20_000, 30, 0, seed=2)]
     )
     real, null = (
         concentration.top_latents(c, [3]) for c in (symmetric, symmetric.sign_flip_null())
@@ -194,7 +183,7 @@ def test_correspondence_cofiring_vetoes_pairs_that_fire_together() -> None:
 
 # ---- steering: fixed targets against norm-matched random directions --------------------------
 def test_context_targets_come_from_the_tokens_after_each_side() -> None:
-    sae = identity_sagsae(2)
+    sae = identity_sagsae(2, 0.05)
     acts = torch.zeros(2, 5, 2)
     acts[0, 1, 0], acts[1, 3, 0], acts[0, 2, 0] = 1.0, 2.0, -1.5  # latent 0: +, +, -
     tokens = torch.tensor([[9, 9, 11, 12, 9], [9, 9, 9, 9, 11]])
