@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from sign_sae.architectures import parameter_count
 from sign_sae.errors import SignSAEError
-from sign_sae.metrics import LatentStats, ReconstructionStats, SequenceStats, bipolar_fraction
+from sign_sae.metrics import LatentStats, SequenceStats, bipolar_fraction
 from sign_sae.models import validate_hook
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -102,15 +102,15 @@ class HeldOut:
         hook = hook or sae.cfg.metadata.hook_name
         if hook not in self.acts:
             raise SignSAEError(f"No held-out activations at {hook!r}; have {sorted(self.acts)}.")
-        latents, recon, sequences = LatentStats(sae.cfg.d_sae), ReconstructionStats(), []
+        latents, parts = LatentStats(sae.cfg.d_sae), []
         per_seq = self.tokens.shape[1] - 1  # rows of one sequence (BOS dropped)
         for x in self.acts[hook].split(per_seq * max(1, _ENCODE_ROWS // per_seq)):
             x = x.to(sae.device, sae.dtype)
             feats = sae.encode(x)
             x_hat = sae.decode(feats)
             latents.update(feats)
-            recon.update(x, x_hat)
-            sequences.append(SequenceStats.of(x, x_hat, feats, per_seq))
+            parts.append(SequenceStats.of(x, x_hat, feats, per_seq))
+        sequences = SequenceStats.cat(parts)  # R^2 and MSE come from these sums too
         clean = self._clean_pass()
         ce_sae = kl = 0.0
         for i, batch in enumerate(self._batches()):
@@ -128,8 +128,8 @@ class HeldOut:
             d_sae=sae.cfg.d_sae,
             n_params=parameter_count(sae),
             n_tokens=latents.n_tokens,
-            r2=recon.explained_variance,
-            mse=recon.mse,
+            r2=sequences.r2(),
+            mse=sequences.mse(),
             l0=latents.l0,
             dead_fraction=latents.dead_fraction,
             bipolar_fraction=bipolar_fraction(latents),
@@ -138,7 +138,7 @@ class HeldOut:
             ce_zero_ablation=ce_zero,
             ce_loss_recovered=(ce_zero - ce_sae) / gap if gap > 0 else float("nan"),
             kl_with_sae=kl / n,
-            sequences=SequenceStats.cat(sequences),
+            sequences=sequences,
         )
 
     def _batches(self) -> list[torch.Tensor]:

@@ -171,6 +171,11 @@ class SequenceStats:
             float(w @ self.n_tokens),
         )
 
+    def mse(self, weights: torch.Tensor | None = None) -> float:
+        """Mean over tokens of ||x - x_hat||^2, sequences weighted as in ``r2``."""
+        w = self._weights(weights)
+        return float(w @ self.sq_error) / float(w @ self.n_tokens)
+
     def l0(self, weights: torch.Tensor | None = None) -> float:
         """Mean number of latents with f != 0 per token, sequences weighted as in ``r2``."""
         w = self._weights(weights)

@@ -77,6 +77,9 @@ def test_sequence_stats_reweight_sequences_like_duplicating_them():
         ]
     )
     assert stats.r2() == pytest.approx(explained_variance(x, x_hat), rel=1e-12)
+    recon = ReconstructionStats()
+    recon.update(x, x_hat)
+    assert stats.mse() == pytest.approx(recon.mse, rel=1e-12)
     assert stats.l0() == pytest.approx(l0(f), rel=1e-6)  # l0() averages in float32
     w = torch.tensor([0, 3, 1, 0, 1])
     keep = torch.cat(
