@@ -71,7 +71,7 @@ def activations(model) -> dict:
     layer = mid_layer(model)
     hooks = {k: hook_name(k, layer) for k in ("mlp_out", "attn_out")}
     out, toks = {}, {}
-    for split, n in (("train", TRAIN_TOKENS), ("eval", EVAL_TOKENS)):
+    for split, n in (("train", TRAIN_TOKENS), ("validation", EVAL_TOKENS)):
         toks[split] = tokenize(model, load_texts(split=split), CONTEXT, n)
         caches = harvest(model, toks[split], list(hooks.values()), ROOT / "activations" / split)
         out[split] = {k: caches[h].load() for k, h in hooks.items()}
@@ -149,7 +149,7 @@ def polarity_rows(acts) -> list[dict]:
     for s in trained():
         if s["arch"] != "sa_gsae":
             continue
-        x = surrogate(acts["eval"][s["kind"]], s["data"], seed=200 + s["seed"])
+        x = surrogate(acts["validation"][s["kind"]], s["data"], seed=200 + s["seed"])
         sae = load(s["name"])
         c, r2 = eval_census(sae, x)
         mirrored = polarity.census_from_activations(
@@ -190,7 +190,7 @@ def correspondence_rows(acts) -> list[dict]:
             continue
         signed = f"{s['kind']}_real_sa_gsae_1H_sp5_seed{s['seed']}"
         sae, gated = load(signed), load(s["name"])
-        x = acts["eval"][s["kind"]]
+        x = acts["validation"][s["kind"]]
         c, _ = eval_census(sae, x)
         bip = (c.balance >= BIPOLAR_BALANCE) & c.alive
         uni = c.alive & ~bip
@@ -232,7 +232,7 @@ def steering_rows(model, acts, toks) -> list[dict]:
     seq = train_x[: n_rows * (CONTEXT - 1)].view(n_rows, CONTEXT - 1, -1)
     padded = torch.cat([torch.zeros_like(seq[:, :1]), seq], dim=1)  # BOS slot back: positions
     c = polarity.census_from_activations(sae, padded.split(64), exclude_bos=True, top_examples=100)
-    prompts = toks["eval"][:PROMPTS, :PROMPT_LEN]
+    prompts = toks["validation"][:PROMPTS, :PROMPT_LEN]
     out = []
     for latent in c.minority_mass.argsort(descending=True).tolist():
         if len(out) >= N_STEER * len(MODES_AND_DIALS):

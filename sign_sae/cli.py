@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sign_sae import distributed, runs
+from sign_sae.corpus import HELD_OUT
 from sign_sae.errors import SignSAEError
 
 log = logging.getLogger("sign_sae")
@@ -21,6 +22,8 @@ def _load(args: argparse.Namespace) -> runs.SweepConfig:
     cfg = runs.load_sweep(args.config)
     if getattr(args, "out", None):
         cfg.out_dir = args.out
+    if getattr(args, "split", None):
+        cfg.data.eval_split = args.split
     return cfg
 
 
@@ -39,7 +42,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _load(args)
     rows = runs.evaluate_runs(cfg)  # runs already in the results table are not evaluated again
-    print(f"\nHeld-out metrics of {len(rows)} runs ({Path(cfg.out_dir) / runs.RESULTS_CSV}):\n")
+    rows = [r for r in rows if runs.row_split(r) == cfg.data.eval_split]
+    where = Path(cfg.out_dir) / runs.RESULTS_CSV
+    print(f"\n{cfg.data.eval_split} metrics of {len(rows)} runs ({where}):\n")
     print(runs.format_table(rows))
 
 
@@ -132,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         v = sub.add_parser(name, help=help_text, description=f"{help_text}.", epilog=file_help)
         v.add_argument("config", help=source)
         v.add_argument("--out", default=None, help="output folder (default: the file's out_dir)")
+        if name != "train":
+            v.add_argument(
+                "--split",
+                choices=HELD_OUT,
+                default=None,
+                help="held-out split to evaluate on (default: the file's data.eval_split, "
+                "validation); choose on validation, report test",
+            )
         v.set_defaults(func=func)
     d = sub.add_parser("demo", help="half-width SA-GSAE vs full-width Gated on SmolLM2, offline")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")

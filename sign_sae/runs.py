@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import save
 
 from sign_sae import distributed
 from sign_sae.architectures import (
@@ -59,11 +60,12 @@ from sign_sae.architectures import (
     parameter_count,
     training_config,
 )
-from sign_sae.corpus import load_texts, tokenize
+from sign_sae.corpus import HELD_OUT, load_texts, tokenize
 from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import HeldOut
 from sign_sae.harvest import DTYPES, ActivationCache, harvest
 from sign_sae.markdown import markdown_table
+from sign_sae.metrics import SequenceStats
 from sign_sae.models import (
     DEFAULT_MODEL,
     HOOK_KINDS,
@@ -72,7 +74,16 @@ from sign_sae.models import (
     mid_layer,
     validate_hook,
 )
-from sign_sae.storage import atomic_write_text, load_sae, locked, read_json, remove_stale, save_sae
+from sign_sae.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    load_sae,
+    locked,
+    read_json,
+    read_weights,
+    remove_stale,
+    save_sae,
+)
 from sign_sae.trainer import BOOKKEEPING, CHECKPOINT, TensorBatches, TrainConfig, train
 from sign_sae.typed import coerce_fields
 
@@ -85,7 +96,7 @@ TRAIN_FILE = "train.json"
 LOCK_FILE = ".lock"  # held by the process that trains a run
 # The first columns of the table, in this order; any others follow in order of appearance.
 COLUMNS = [
-    "config_hash", "model", "hook", "hook_kind", "label", "name", "arch", "ablation_of",
+    "config_hash", "split", "model", "hook", "hook_kind", "label", "name", "arch", "ablation_of",
     "width_factor", "d_in", "d_sae", "sparsity", "seed", "options", "train", "n_params",
     "n_params_train", "r2", "mse", "l0", "dead_fraction", "bipolar_fraction", "ce_clean",
     "ce_with_sae", "ce_zero_ablation", "ce_loss_recovered", "kl_with_sae", "n_tokens",
@@ -144,8 +155,10 @@ class DataConfig:
     text: str = "shakespeare"
     context_size: int = 128
     train_tokens: int = 100_000
-    eval_tokens: int = 8192  # activation metrics and the polarity census
-    ce_tokens: int = 2048  # CE loss recovered and KL (the first rows of the eval tokens)
+    eval_tokens: int = 8192  # held-out tokens: activation metrics and the polarity census
+    ce_tokens: int = 2048  # CE loss recovered and KL (the first rows of the held-out tokens)
+    # the held-out split the evaluator reads: "validation" (choose here) or "test" (report only)
+    eval_split: str = "validation"
     harvest_dtype: str = "float32"
     forward_dtype: str = "float32"  # "bfloat16": harvest under autocast, ~2x faster on CPU
     harvest_batch_size: int = 32
@@ -167,6 +180,10 @@ class DataConfig:
         if self.harvest_dtype not in DTYPES:
             raise SignSAEError(
                 f"data.harvest_dtype must be one of {sorted(DTYPES)}, got {self.harvest_dtype!r}."
+            )
+        if self.eval_split not in HELD_OUT:
+            raise SignSAEError(
+                f"data.eval_split must be one of {list(HELD_OUT)}, got {self.eval_split!r}."
             )
         if self.forward_dtype not in ("float32", "bfloat16"):
             raise SignSAEError(
@@ -460,7 +477,8 @@ class Run:
 
     @cached_property
     def config_hash(self) -> str:
-        """sha256 of the resolved configuration: everything that determines the run's row."""
+        """sha256 of the resolved configuration: everything that determines the run's rows (one
+        per held-out split, ``data.eval_split``)."""
         sae = self.sae_config().to_dict()
         sae["metadata"] = {k: v for k, v in sae["metadata"].items() if k not in _VERSIONS}
         recipe = {k: v for k, v in asdict(self.train).items() if k not in BOOKKEEPING}
@@ -580,8 +598,11 @@ def evaluate_run(run: Run, held: HeldOut, columns: Columns | None = None) -> Row
     res = held.evaluate(sae, run.hook)
     extra = columns(sae, held.acts[run.hook]) if columns is not None else {}
     eval_s = time.perf_counter() - start
+    sums = {k: getattr(res.sequences, k).contiguous() for k in SequenceStats.__dataclass_fields__}
+    atomic_write_bytes(run.folder / sequences_file(run.data.eval_split), save(sums))
     return {
         **run.record(),
+        "split": run.data.eval_split,
         "n_params_train": info["n_params_train"],
         **res.to_dict(),
         "ce_tokens": held.n_ce_tokens,
@@ -608,7 +629,9 @@ class Source:
         return load_model(name, device=self.data.device)
 
     def tokens(self, model: Any, split: str) -> torch.Tensor:
-        n = self.data.train_tokens if split == "train" else self.data.eval_tokens
+        n = (
+            self.data.train_tokens if split == "train" else self.data.eval_tokens
+        )  # validation, test
         return tokenize(model, load_texts(self.data.text, split), self.data.context_size, n)
 
 
@@ -635,18 +658,19 @@ def train_runs(cfg: SweepConfig, source: Source | None = None, progress: bool = 
 def evaluate_runs(
     cfg: SweepConfig, columns: Columns | None = None, source: Source | None = None
 ) -> list[Row]:
-    """``sign-sae eval``: evaluate every trained run without a row (reading only the eval tokens
-    and their harvest) into the results table; returns all its rows."""
+    """``sign-sae eval``: evaluate every trained run without a row for ``data.eval_split``
+    (reading only that split's tokens and harvest) into the results table; returns all its
+    rows."""
     source = source or Source(cfg.data)
     table = ResultsTable(Path(cfg.out_dir))
     for spec in cfg.data.models:
         model = source.model(spec.name)
         runs = resolve(cfg, spec, model)
-        todo = [r for r in runs if r.trained and r.config_hash not in table]
+        todo = [r for r in runs if r.trained and not table.has(r)]
         untrained = sum(not r.trained for r in runs)
         log.info("%s: %d runs to evaluate, %d not trained", spec.name, len(todo), untrained)
         if todo:
-            held = _held_out(cfg, model, source.tokens(model, "eval"), todo)
+            held = _held_out(cfg, model, source.tokens(model, cfg.data.eval_split), todo)
             for run in todo:
                 table.add(evaluate_run(run, held, columns))
     return table.rows
@@ -668,7 +692,7 @@ def run_sweep(
     for spec in cfg.data.models:
         model = source.model(spec.name)
         runs = resolve(cfg, spec, model)
-        todo = [r for r in runs if r.config_hash not in table]
+        todo = [r for r in runs if not table.has(r)]
         log.info("%s: %d of %d runs to do", spec.name, len(todo), len(runs))
         if todo:
             _sweep_model(cfg, source, model, todo, table, columns, progress)
@@ -684,9 +708,10 @@ def _sweep_model(
     columns: Columns | None,
     progress: bool,
 ) -> None:
-    """All pending runs of one model from its two harvests (train and eval, every hook)."""
+    """All pending runs of one model from its two harvests (train and the held-out split, every
+    hook)."""
     acts = _TrainActs(_harvest(cfg, model, source.tokens(model, "train"), todo, "train"))
-    held = _held_out(cfg, model, source.tokens(model, "eval"), todo)
+    held = _held_out(cfg, model, source.tokens(model, cfg.data.eval_split), todo)
     order = {run.config_hash: i for i, run in enumerate(todo)}
     world = distributed.get_world()
     for start in range(0, len(todo), world):  # under torchrun, rank r takes run start + r
@@ -737,8 +762,8 @@ def _harvest(
 
 
 def _held_out(cfg: SweepConfig, model: Any, tokens: torch.Tensor, runs: list[Run]) -> HeldOut:
-    """The evaluator of one model over the eval harvest at the hooks of ``runs``."""
-    caches = _harvest(cfg, model, tokens, runs, "eval")
+    """The evaluator of one model over the held-out harvest at the hooks of ``runs``."""
+    caches = _harvest(cfg, model, tokens, runs, cfg.data.eval_split)
     return HeldOut(
         model,
         tokens,
@@ -794,8 +819,30 @@ _KEYS: list[Callable[[Row], str]] = [
 
 
 # ---- the results table --------------------------------------------------------------------
+def sequences_file(split: str) -> str:
+    """The run folder's file of per-sequence sums (``SequenceStats``) on a held-out split."""
+    return f"sequences-{split}.safetensors"
+
+
+def load_sequences(run_folder: str | Path, split: str) -> SequenceStats:
+    """A run's per-sequence sums on ``split``, for the paired bootstrap of ``analyses.gaps``."""
+    tensors = read_weights(Path(run_folder) / sequences_file(split))
+    return SequenceStats(**{k: tensors[k] for k in SequenceStats.__dataclass_fields__})
+
+
+def row_split(row: Row) -> str:
+    """The held-out split of a results row; rows written before the three splits have none and
+    were evaluated on what is now the validation split."""
+    return row.get("split") or "validation"
+
+
+def _key(row: Row) -> tuple[str, str]:
+    return row["config_hash"], row_split(row)
+
+
 class ResultsTable:
-    """The sweep's rows, keyed by ``config_hash``; ``add`` rewrites JSON and CSV atomically.
+    """The sweep's rows, one per run and held-out split (``config_hash``, ``split``); ``add``
+    rewrites JSON and CSV atomically.
 
     Processes that share the folder take turns under its lock file, and each ``add`` merges
     into the rows on disk, so no process drops another's rows."""
@@ -808,17 +855,18 @@ class ResultsTable:
         path = self.folder / RESULTS_JSON
         return read_json(path) if path.is_file() else []
 
-    def __contains__(self, config_hash: str) -> bool:
-        return any(r["config_hash"] == config_hash for r in self.rows)
+    def has(self, run: Run) -> bool:
+        """Whether ``run`` has a row for its ``data.eval_split``."""
+        return (run.config_hash, run.data.eval_split) in {_key(r) for r in self.rows}
 
     def add(self, row: Row) -> None:
         if not distributed.is_main():
-            self.rows = [r for r in self.rows if r["config_hash"] != row["config_hash"]] + [row]
+            self.rows = [r for r in self.rows if _key(r) != _key(row)] + [row]
             return
         with locked(self.folder / ".results.lock"):
-            ours = {r["config_hash"]: r for r in self.rows}  # as computed (NaN, not null)
-            disk = [r for r in self._read() if r["config_hash"] != row["config_hash"]]
-            self.rows = [ours.get(r["config_hash"], r) for r in disk] + [row]
+            ours = {_key(r): r for r in self.rows}  # as computed (NaN, not null)
+            disk = [r for r in self._read() if _key(r) != _key(row)]
+            self.rows = [ours.get(_key(r), r) for r in disk] + [row]
             atomic_write_text(
                 self.folder / RESULTS_JSON, json.dumps(_json_safe(self.rows), indent=1)
             )

@@ -57,13 +57,18 @@ def _tmp_prefix(path: Path) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a UTF-8 text file via a temporary file and an atomic rename; characters that UTF-8
     cannot encode (lone surrogates from broken token strings) are replaced, not fatal."""
+    atomic_write_bytes(path, text.encode("utf-8", errors="replace"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, default_mode(folder=False))
-        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,7 +17,7 @@ def model():
 @pytest.fixture(scope="session")
 def eval_tokens(model) -> torch.Tensor:
     """8 rows x 64 tokens of held-out Shakespeare, each row starting with BOS."""
-    return tokenize(model, load_texts(split="eval"), context_size=64, max_tokens=8 * 64)
+    return tokenize(model, load_texts(split="validation"), context_size=64, max_tokens=8 * 64)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def mlp_out_activations(model, tmp_path_factory) -> tuple[torch.Tensor, torch.Te
     hook = hook_name("mlp_out", mid_layer(model))
     folder = tmp_path_factory.mktemp("mlp_out")
     out = []
-    for split, n in (("train", 32 * 1024), ("eval", 4096)):
+    for split, n in (("train", 32 * 1024), ("validation", 4096)):
         tokens = tokenize(model, load_texts(split=split), 128, n)
         out.append(harvest(model, tokens, [hook], folder / split)[hook].load())
     return out[0], out[1].float()

@@ -1,34 +1,55 @@
 import pytest
 import torch
 
-from sign_sae.corpus import EVAL_PLAYS, load_texts, strip_markdown, tokenize
+from sign_sae.corpus import SPLIT_PLAYS, SPLITS, load_texts, strip_markdown, tokenize
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return load_texts(split="train"), load_texts(split="eval")
+    return [load_texts(split=s) for s in SPLITS]
 
 
-def test_split_by_play_is_disjoint_and_non_empty(splits):
-    train, evaluation = splits
-    assert len(evaluation) == len(EVAL_PLAYS) and len(train) == 35
+def test_three_splits_by_play_are_disjoint_and_non_empty(splits):
+    train, validation, test = splits
+    assert len(validation) == len(test) == 3 and len(train) == 32
     titles = [{text.splitlines()[0] for text in split} for split in splits]
     assert titles[1] == {"Macbeth", "Twelfth Night", "Henry V"}
-    assert not titles[0] & titles[1]
-    assert all(len(text) > 50_000 for text in train + evaluation)
-    # Lines that only the held-out plays contain never reach training.
-    for line in ("Fair is foul, and foul is fair", "If music be the food of love"):
-        assert any(line in text for text in evaluation)
-        assert not any(line in text for text in train)
+    assert titles[2] == {"Richard III", "Titus Andronicus", "Two Gentlemen of Verona"}
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not titles[i] & titles[j]
+            assert not set(splits[i]) & set(splits[j])
+    assert not set(SPLIT_PLAYS["validation"]) & set(SPLIT_PLAYS["test"])
+    assert all(len(text) > 50_000 for split in splits for text in split)
+    # Lines that only one held-out split contains reach neither training nor the other split.
+    for line, home in (
+        ("Fair is foul, and foul is fair", 1),
+        ("If music be the food of love", 1),
+        ("Now is the winter of our discontent", 2),
+    ):
+        for i, split in enumerate(splits):
+            assert any(line in text for text in split) == (i == home), (line, i)
+
+
+def test_no_token_row_is_in_two_splits(model):
+    rows = [
+        {tuple(r.tolist()) for r in tokenize(model, load_texts(split=s), context_size=32)}
+        for s in SPLITS
+    ]
+    assert all(len(r) > 1000 for r in rows)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not rows[i] & rows[j], (SPLITS[i], SPLITS[j])
 
 
 def test_loading_is_deterministic(splits):
-    assert load_texts(split="eval") == splits[1]
+    assert load_texts(split="validation") == splits[1]
+    assert load_texts(split="test") == splits[2]
     assert load_texts(split="train", max_docs=2) == splits[0][:2]
 
 
 def test_markdown_is_stripped(splits):
-    for text in splits[0] + splits[1]:
+    for text in [t for split in splits for t in split]:
         assert "**" not in text and "_" not in text and "\\[" not in text
         assert not any(line.startswith("#") for line in text.splitlines())
         assert "  \n" not in text
@@ -47,10 +68,10 @@ def test_strip_markdown_keeps_the_words():
     ("source", "split", "fix"),
     [
         ("wikipedia", "train", "shakespeare"),
-        ("shakespeare", "test", "'eval'"),
+        ("shakespeare", "eval", "'validation'"),
         ("hf:", "train", "hf:<dataset>"),
         ("hf:a:b:c", "train", "hf:<dataset>:<config>"),
-        ("hf:owner/data", "validation", "'train'"),
+        ("hf:owner/data", "held-out", "'test'"),
     ],
 )
 def test_bad_source_or_split_names_the_fix(source, split, fix):
@@ -66,7 +87,7 @@ def test_tokenize_rows_start_with_bos(model, eval_tokens):
     assert (eval_tokens[:, 0] == bos).all()
     assert not (eval_tokens[:, 1:] == bos).any()
     text = model.tokenizer.decode(eval_tokens[0, 1:])
-    assert load_texts(split="eval")[0].startswith(text)
+    assert load_texts(split="validation")[0].startswith(text)
 
 
 def test_tokenize_without_bos_is_the_plain_token_stream(model):

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformerConfig
 
 from sign_sae import SAGSAE, cli, runs
 from sign_sae.architectures import make_training_sae
+from sign_sae.corpus import HELD_OUT, SPLITS
 from sign_sae.evaluate import evaluate
 from sign_sae.harvest import ActivationCache
 from sign_sae.trainer import TrainConfig
@@ -63,7 +64,7 @@ class TinySource(runs.Source):
     def tokens(self, model, split: str) -> torch.Tensor:
         self.splits.append(split)
         n = self.data.train_tokens if split == "train" else self.data.eval_tokens
-        g = torch.Generator().manual_seed(1 if split == "train" else 2)
+        g = torch.Generator().manual_seed(SPLITS.index(split) + 1)
         return torch.randint(0, 40, (n // CONTEXT, CONTEXT), generator=g)
 
 
@@ -287,6 +288,29 @@ def test_a_crashed_sweep_resumes_without_redoing_finished_runs(tmp_path, tiny, m
         assert r["l0"] == pytest.approx(by_hash[r["config_hash"]]["l0"], abs=1e-6)
 
 
+def test_the_test_split_adds_rows_without_training_and_keeps_per_sequence_sums(
+    tmp_path, tiny, monkeypatch
+):
+    cfg = tiny_sweep(tmp_path)
+    validation = sweep(cfg, tiny)
+    trained = count_training(monkeypatch)
+    cfg.data.eval_split = "test"
+    source = TinySource(cfg.data, tiny)
+    rows = runs.evaluate_runs(cfg, source=source)
+    assert trained == [] and source.splits == ["test"]  # evaluation only, on test tokens only
+    assert len(rows) == 2 * len(validation)
+    by_split = {s: {r["config_hash"]: r for r in rows if r["split"] == s} for s in HELD_OUT}
+    assert by_split["validation"].keys() == by_split["test"].keys()
+    for h, row in by_split["test"].items():
+        assert row["r2"] != by_split["validation"][h]["r2"]  # other tokens, other numbers
+        for split, r in ((s, by_split[s][h]) for s in HELD_OUT):
+            sums = runs.load_sequences(tmp_path / r["folder"], split)
+            assert sums.r2() == pytest.approx(r["r2"], abs=1e-9)
+            assert sums.l0() == pytest.approx(r["l0"], abs=1e-9)
+    again = runs.evaluate_runs(cfg, source=source)  # nothing left to do
+    assert source.splits == ["test"] and [r["r2"] for r in again] == [r["r2"] for r in rows]
+
+
 def test_results_table_has_every_column_in_json_and_csv(tmp_path, tiny):
     cfg = tiny_sweep(tmp_path)
     sweep(cfg, tiny, extra_columns)
@@ -307,7 +331,7 @@ def test_results_table_has_every_column_in_json_and_csv(tmp_path, tiny):
     assert gated["name"] == "gated_2H_sp1_seed0"
     assert runs.load_sweep(tmp_path).to_dict() == cfg.to_dict()  # sweep.yaml: the config
     # One harvest per model and split, every hook of the sweep in it.
-    for split in ("train", "eval"):
+    for split in ("train", "validation"):
         hooks = {p.name for p in runs.activations_dir(tmp_path, "tiny", split).iterdir()}
         assert hooks == {"blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"}
     # Trained SAEs stay, their checkpoints go; train.json records the run.
@@ -334,7 +358,9 @@ def test_trained_runs_are_named_by_the_shortest_unique_key(tmp_path, tiny):
     assert list(runs.trained_runs(tmp_path / "one")) == ["gated_2H"]
 
 
-def test_train_then_eval_reads_only_the_eval_split_and_gives_the_sweep(tmp_path, tiny, capsys):
+def test_train_then_eval_reads_only_the_validation_split_and_gives_the_sweep(
+    tmp_path, tiny, capsys
+):
     cfg = tiny_sweep(tmp_path / "split", grid=[{"label": "g", "arch": "gated", "sparsity": [1.0]}])
     source = TinySource(cfg.data, tiny)
     trained = runs.train_runs(cfg, source, progress=False)
@@ -345,7 +371,7 @@ def test_train_then_eval_reads_only_the_eval_split_and_gives_the_sweep(tmp_path,
     shutil.rmtree(runs.activations_dir(cfg.out_dir, "tiny", "train"))
     source.splits.clear()
     rows = runs.evaluate_runs(runs.load_sweep(tmp_path / "split"), source=source)
-    assert source.splits == ["eval"]
+    assert source.splits == ["validation"]
     assert not runs.activations_dir(cfg.out_dir, "tiny", "train").exists()
     assert [r["config_hash"] for r in rows] == [r.config_hash for r in trained]
 
@@ -363,7 +389,7 @@ def test_train_and_eval_commands_run_a_sweep_file(tmp_path, tiny, monkeypatch, c
     assert cli.main(["train", str(path)]) == 0
     assert cli.main(["eval", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("\nHeld-out metrics of 2 runs (") and "results.csv):" in out
+    assert out.startswith("\nvalidation metrics of 2 runs (") and "results.csv):" in out
     table = out.split(":\n\n", 1)[1]
     assert table.startswith("| name | architecture | d_sae |")
     assert "| mlp_out/g_sp1_seed0 | gated | 16 |" in table
@@ -486,7 +512,7 @@ def smollm_run(model, tmp_path_factory):
     )
     source = runs.Source(cfg.data, {"smollm2-135m": model})
     rows = runs.run_sweep(cfg, source=source, progress=False)
-    return cfg, rows, source.tokens(model, "eval")
+    return cfg, rows, source.tokens(model, "validation")
 
 
 def test_real_model_sweep_trains_saves_reloads_and_evaluates(smollm_run):

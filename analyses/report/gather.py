@@ -71,7 +71,7 @@ def collect(
         raise SignSAEError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
     model_name = next(iter(found.values()))["model"]
     model = model if model is not None else load_model(model_name)
-    tokens = tokenize(model, load_texts(data.text, "eval"), data.context_size, n_tokens)
+    tokens = tokenize(model, load_texts(data.text, data.eval_split), data.context_size, n_tokens)
     n_batches = math.ceil(tokens.shape[0] / batch_size)
     acts = {
         hook: torch.cat(
