@@ -7,7 +7,7 @@ interpolated in log L0, either linearly (``log_linear``) or by a monotone cubic 
 scipy's PchipInterpolator), and is undefined outside them. The gap of A over B is
 R^2_A(L0) - R^2_B(L0) over the overlap of their L0 ranges, checked at both ends, every
 breakpoint inside and ``GRID_POINTS`` log-spaced L0 values; ``min_gap`` and ``max_gap`` are its
-extremes.
+extremes and ``mean_gap`` its mean over the log-spaced values (uniform in log L0).
 
 The interval combines the two sources of noise a reader cares about:
 
@@ -47,8 +47,10 @@ class Gap:
     overlap: tuple[float, float] | None
     min_gap: float  # point estimate, NaN without overlap
     max_gap: float
+    mean_gap: float
     min_gap_ci: tuple[float, float]
     max_gap_ci: tuple[float, float]
+    mean_gap_ci: tuple[float, float]
     n_boot: int  # draws with an overlap (the interval's sample)
 
     @property
@@ -78,17 +80,16 @@ def frontier_points(curve: Curve, weights: torch.Tensor | None = None,
 
 def gap_range(
     a: list[tuple[float, float]], b: list[tuple[float, float]], interpolation: str
-) -> tuple[tuple[float, float] | None, float, float]:
-    """(overlap, min gap, max gap) of frontier ``a`` over frontier ``b``."""
+) -> tuple[tuple[float, float] | None, float, float, float]:
+    """(overlap, min gap, max gap, mean gap) of frontier ``a`` over frontier ``b``."""
     lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
     if lo > hi:
-        return None, math.nan, math.nan
-    xs = {lo, hi, *(x for x, _ in a + b if lo <= x <= hi)}
-    if hi > lo:
-        xs.update(np.exp(np.linspace(math.log(lo), math.log(hi), GRID_POINTS)).tolist())
-    x = np.array(sorted(xs))
+        return None, math.nan, math.nan, math.nan
+    grid = np.exp(np.linspace(math.log(lo), math.log(hi), GRID_POINTS))
+    x = np.array(sorted({lo, hi, *(x for x, _ in a + b if lo <= x <= hi), *grid.tolist()}))
     gaps = _r2(a, x, interpolation) - _r2(b, x, interpolation)
-    return (lo, hi), float(gaps.min()), float(gaps.max())
+    mean = float(np.mean(_r2(a, grid, interpolation) - _r2(b, grid, interpolation)))
+    return (lo, hi), float(gaps.min()), float(gaps.max()), mean
 
 
 def _r2(frontier: list[tuple[float, float]], x: np.ndarray, interpolation: str) -> np.ndarray:
@@ -121,22 +122,25 @@ def bootstrap_gap(
     if len(n_seq) != 1:
         raise ValueError(f"Every run must be evaluated on the same sequences; got {sorted(n_seq)}.")
     (n,) = n_seq
-    overlap, min_gap, max_gap = gap_range(frontier_points(a), frontier_points(b), interpolation)
+    overlap, *point = gap_range(frontier_points(a), frontier_points(b), interpolation)
     g = torch.Generator().manual_seed(seed)
-    mins, maxs = [], []
+    draws = []
     for _ in range(n_boot):
         w = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n)
-        span, lo, hi = gap_range(
+        span, *extremes = gap_range(
             frontier_points(a, w, _draw_seeds(a, g)),
             frontier_points(b, w, _draw_seeds(b, g)),
             interpolation,
         )
         if span is not None:
-            mins.append(lo)
-            maxs.append(hi)
+            draws.append(extremes)
     tail = 100 * (1 - level) / 2
-    ci = lambda v: tuple(np.percentile(v, [tail, 100 - tail]).tolist()) if v else (math.nan,) * 2  # noqa: E731
-    return Gap(*names, interpolation, overlap, min_gap, max_gap, ci(mins), ci(maxs), len(mins))
+    cis = (
+        [tuple(np.percentile(v, [tail, 100 - tail]).tolist()) for v in zip(*draws, strict=True)]
+        if draws
+        else [(math.nan, math.nan)] * 3
+    )
+    return Gap(*names, interpolation, overlap, *point, *cis, len(draws))
 
 
 def _draw_seeds(curve: Curve, g: torch.Generator) -> dict[float, list[int]]:

@@ -41,12 +41,16 @@ def difficulty(n: int, seed: int) -> torch.Tensor:
 def test_gap_range_on_hand_made_frontiers():
     a = [(1.0, 0.5), (10.0, 0.7), (100.0, 0.9)]  # linear in log L0: 0.5 + 0.2 log10(L0)
     b = [(2.0, 0.4), (50.0, 0.8)]
-    span, lo, hi = gap_range(a, b, "log_linear")
+    span, lo, hi, mean = gap_range(a, b, "log_linear")
     assert span == (2.0, 50.0)
     b_at = lambda x: 0.4 + 0.4 * math.log(x / 2) / math.log(25)  # noqa: E731
     a_at = lambda x: 0.5 + 0.2 * math.log10(x)  # noqa: E731
     assert lo == pytest.approx(a_at(50) - b_at(50), abs=1e-9)  # -0.0602: b ahead at the top
     assert hi == pytest.approx(a_at(2) - b_at(2), abs=1e-9)
+    # a - b is linear in log L0 on [2, 10] and on [10, 50]: its mean in log L0 is exact
+    t = math.log(10 / 2) / math.log(25)
+    halves = t * (hi + a_at(10) - b_at(10)) / 2 + (1 - t) * (a_at(10) - b_at(10) + lo) / 2
+    assert mean == pytest.approx(halves, abs=2e-3)
     # on points collinear in log L0 the monotone cubic is the same line
     assert gap_range(a, b, "pchip")[1] == pytest.approx(lo, abs=1e-3)
     assert gap_range(a, [(200.0, 0.1), (300.0, 0.2)], "log_linear")[0] is None
@@ -73,6 +77,7 @@ def test_a_clearly_better_curve_dominates_and_the_interval_covers_the_true_gap()
     true_min = 0.10 * 0.15 * math.exp(0.125)
     assert gap.min_gap_ci[0] < true_min < gap.min_gap_ci[1]
     assert gap.min_gap_ci[0] < gap.min_gap < gap.min_gap_ci[1]
+    assert gap.min_gap_ci[0] < gap.mean_gap_ci[0] and gap.mean_gap_ci[0] > true_min
 
 
 @pytest.mark.parametrize("interpolation", ["log_linear", "pchip"])
@@ -84,6 +89,7 @@ def test_the_same_recipe_matches_and_the_interval_contains_zero(interpolation):
     )
     assert gap.verdict == "matches"
     assert gap.min_gap_ci[0] < 0 < gap.max_gap_ci[1]
+    assert gap.mean_gap_ci[0] < 0 < gap.mean_gap_ci[1]  # the same recipe: no mean gap either
 
 
 def test_a_worse_curve_is_dominated():
