@@ -1,6 +1,6 @@
 """R^2-vs-L0 frontiers of a sweep and the paper's comparisons between them.
 
-Definitions (docs/results.md states them too):
+Definitions (docs/sweep-cpu.md states them too):
 
 - A curve is one label (an architecture at a width, e.g. ``sa_gsae_H``) in one cell (model x
   hook). Its points are the sparsity settings: R^2 and L0 averaged over seeds, with the seed
