@@ -24,6 +24,7 @@ tokens that follow the latent's strongest firings of each sign), and ``random_di
 norm-matched random directions against the same targets: the control that can fail.
 """
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -407,11 +408,12 @@ def _sweep(
     n_prompts = sum(len(idx) for idx, _ in groups)
     owner = torch.cat([torch.tensor(idx).repeat_interleave(b.shape[1]) for idx, b in groups])
     with torch.inference_mode():
-        clean = _log_probs([model.run_with_hooks(b, fwd_hooks=[]) for _, b in groups])
+        clean_logits, run = _from_hook_block(model, hook, [b for _, b in groups])
+        clean = _log_probs(clean_logits)
         points = []
         for alpha in alphas:
             fwd = [(hook, steer(float(alpha)))]
-            logits = [model.run_with_hooks(b, fwd_hooks=fwd) for _, b in groups]
+            logits = run(fwd)
             steered = _log_probs(logits)
             kl_pos = (clean.exp() * (clean - steered)).sum(-1)
             kl = kl_pos.mean().item()
@@ -453,6 +455,29 @@ def _sweep(
         monotonicity=spearman([p.alpha for p in points], effects),
         antisymmetry=antisymmetry([p.alpha for p in points], effects),
     )
+
+
+def _from_hook_block(
+    model: Any, hook: str, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], Callable[[list[tuple[str, HookFn]]], list[torch.Tensor]]]:
+    """The clean logits of ``batches`` and a function giving their logits under forward hooks
+    placed at or after ``hook``'s block. The blocks before it run once: the steered passes
+    start from the clean residual stream entering that block (the same numbers, about half the
+    work for a hook at mid depth)."""
+    match = re.fullmatch(r"blocks\.(\d+)\..+", hook)
+    if match is None:
+        logits = [model.run_with_hooks(b, fwd_hooks=[]) for b in batches]
+        return logits, lambda fwd: [model.run_with_hooks(b, fwd_hooks=fwd) for b in batches]
+    layer = int(match.group(1))
+    entry = f"blocks.{layer}.hook_resid_pre"
+    logits, starts = [], []
+    for b in batches:
+        lg, cache = model.run_with_cache(b, names_filter=[entry])
+        logits.append(lg)
+        starts.append(cache[entry])
+    return logits, lambda fwd: [
+        model.run_with_hooks(s, start_at_layer=layer, fwd_hooks=fwd) for s in starts
+    ]
 
 
 def _per_prompt(values: torch.Tensor, owner: torch.Tensor, n: int) -> list[float]:

@@ -164,3 +164,22 @@ def test_prompts_of_different_lengths_keep_their_order() -> None:
     n = [p.numel() for p in prompts]
     kl = sum(k * a.points[0].kl for k, a in zip(n, alone, strict=True)) / sum(n)
     assert together.points[0].kl == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", LAST])
+def test_steered_passes_from_the_hook_block_equal_full_forwards(hook) -> None:
+    """The dial runs the blocks before the steered hook once; its steered logits must equal a
+    full forward with the same hook (a hook in the first block runs the whole model)."""
+    model = tiny_model()
+    u = basis()[0]
+    for h in (hook, "blocks.0.hook_mlp_out"):
+        fwd = [(h, lambda act, hook: act + 3.0 * u)]
+        clean, run = steering._from_hook_block(model, h, [PROMPTS, PROMPTS[:1, :4]])
+        with torch.inference_mode():
+            want = [model.run_with_hooks(b, fwd_hooks=fwd) for b in (PROMPTS, PROMPTS[:1, :4])]
+            plain = [model(b) for b in (PROMPTS, PROMPTS[:1, :4])]
+            got = run(fwd)
+        for g, w, c, p in zip(got, want, clean, plain, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+            torch.testing.assert_close(c, p, rtol=0, atol=0)
+            assert (g - c).abs().max() > 1e-3  # the hook did something
