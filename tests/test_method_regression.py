@@ -1,75 +1,63 @@
-"""Regression of the method study's conclusion on real activations (docs/method-study.md).
+"""Regression guard for the default SA-GSAE on real activations, judged on the validation split.
 
-A fixed small set of SmolLM2-135M layer-15 MLP-out activations (Shakespeare training plays,
-held-out plays for the metrics), made here from the default model. SA-GSAE with the library's
-defaults at width H = d_model and SAELens's Gated SAE at 2H are trained with one recipe at two
-sparsity coefficients each; their R^2-L0 frontiers are compared over the overlapping L0 range
-with ``analyses.frontier.compare``. The margin holds the study's finding at this scale: the
-half-width SA-GSAE strictly dominates the full-width Gated frontier on MLP-out. A change that
-costs the default R^2 at equal L0 (or lets it go dense or dead) fails here; so does going back
-to thresholds at the base learning rate.
+A fixed small set of SmolLM2-135M layer-15 MLP-out activations (32k tokens of the training
+plays; 32 sequences of the validation plays for the metrics), made here from the default model.
+SA-GSAE with the library's defaults at width H = d_model and SAELens's Gated SAE at 2H train
+with one recipe at two sparsity coefficients each; ``analyses.gaps.bootstrap_gap`` compares
+their R^2-L0 frontiers over the L0 overlap on the validation sequences.
+
+This is a small-data regime (each token seen eight times), not evidence about the method: the
+fair benchmark (docs/results.md) is. What the test holds is the number it measured when it was
+recorded: the mean gap of SA-GSAE over Gated across their L0 overlap (51-134), +0.052, with a
+95% bootstrap interval over the validation sequences of [+0.048, +0.057]. A change to the default SA-GSAE (or the trainer) that
+moves the gap below that interval's lower bound, ``MARGIN``, fails; so does one that lets either
+SAE go dense or dead.
 """
 
 import pytest
 import torch
 
-from analyses.frontier import compare, curves
+from analyses.gaps import bootstrap_gap
 from sign_sae.architectures import make_training_sae
-from sign_sae.metrics import LatentStats, explained_variance
+from sign_sae.metrics import LatentStats, SequenceStats
 from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 RECIPE = dict(
     total_steps=500, batch_size=512, lr=1e-3, lr_warm_up_steps=15, lr_decay_steps=100, log_every=500
 )
 SA_COEFFICIENTS, GATED_COEFFICIENTS = (2.0, 6.0), (1.5, 5.0)
-# R^2 the SA-GSAE frontier must stay above Gated 2H's everywhere in the overlap. Measured on
-# this data with the default threshold_lr_scale = 10: +0.05; with 1 (the previous default): -0.02.
-MARGIN = 0.02
-
-
-def held_out_row(sae, label: str, sparsity: float, x: torch.Tensor) -> dict:
-    with torch.no_grad():
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
-    stats = LatentStats(sae.cfg.d_sae)
-    stats.update(f)
-    return {
-        "label": label,
-        "sparsity": sparsity,
-        "r2": explained_variance(x, x_hat),
-        "l0": stats.l0,
-        "dead_fraction": stats.dead_fraction,
-        "d_sae": sae.cfg.d_sae,
-    }
+ROWS_PER_SEQUENCE = 127  # 128-token rows without BOS
+MARGIN = 0.047  # the lower bound of the recorded interval of the mean gap (module doc)
 
 
 @pytest.fixture(scope="module")
-def frontier_rows(mlp_out_activations) -> list[dict]:
+def curves(mlp_out_activations) -> dict[str, dict[float, list[SequenceStats]]]:
     train_acts, held = mlp_out_activations
     d = train_acts.shape[1]
-    rows = []
-    for arch, width, label, coefficients in (
-        ("sa_gsae", d, "sa_gsae_H", SA_COEFFICIENTS),
-        ("gated", 2 * d, "gated_2H", GATED_COEFFICIENTS),
+    out: dict[str, dict[float, list[SequenceStats]]] = {}
+    for arch, width, coefficients in (
+        ("sa_gsae", d, SA_COEFFICIENTS),
+        ("gated", 2 * d, GATED_COEFFICIENTS),
     ):
         for c in coefficients:
             torch.manual_seed(0)
             sae = make_training_sae(arch, d, width, c, warm_up_steps=RECIPE["total_steps"] // 10)
             batches = TensorBatches(train_acts, RECIPE["batch_size"])
             train(sae, batches, TrainConfig(**RECIPE), progress=False)
-            rows.append(held_out_row(sae, label, c, held))
-    return rows
+            with torch.no_grad():
+                f = sae.encode(held)
+                stats = LatentStats(width)
+                stats.update(f)
+                assert stats.dead_fraction < 0.05, (arch, c, stats.dead_fraction)
+                seqs = SequenceStats.of(held, sae.decode(f), f, ROWS_PER_SEQUENCE)
+            out.setdefault(arch, {})[c] = [seqs]
+    return out
 
 
-def test_half_width_sa_gsae_dominates_the_full_width_gated_frontier(frontier_rows):
-    cs = curves(frontier_rows)
-    sa, gated = cs["sa_gsae_H"], cs["gated_2H"]
-    # both curves are real frontiers: sparse, alive, and more sparsity costs R^2
-    for c in (sa, gated):
-        assert len(c.frontier) == 2, c
-        assert all(p.dead_fraction < 0.05 and 2 < p.l0 < 200 for p in c.points), c
-    comparison = compare(sa, gated)
-    assert comparison.overlap is not None, "the two L0 ranges must overlap"
-    lo, hi = comparison.overlap
-    assert hi / lo > 1.5, f"overlap {lo:.1f}-{hi:.1f} too narrow to compare"
-    assert comparison.dominates and comparison.min_gap > MARGIN, comparison
+def test_the_default_sa_gsae_keeps_its_recorded_gap_over_gated_2h(curves):
+    for curve in curves.values():  # both are frontiers: sparse, and more sparsity costs R^2
+        (lo, r2_lo), (hi, r2_hi) = sorted((s[0].l0(), s[0].r2()) for s in curve.values())
+        assert 2 < lo < hi < 200 and r2_lo < r2_hi
+    gap = bootstrap_gap(curves["sa_gsae"], curves["gated"], ("sa_gsae_H", "gated_2H"), n_boot=300)
+    assert gap.overlap is not None and gap.overlap[1] / gap.overlap[0] > 1.5, gap
+    assert gap.mean_gap > MARGIN, gap
