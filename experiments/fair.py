@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses.sweep import polarity_columns
 from analyses.sweep import run as sweep_with_polarity
 from sign_sae import runs
 from sign_sae.harvest import DTYPES, harvest
@@ -359,13 +360,14 @@ def stage_frontier(budget: str) -> None:
 
 
 def stage_test(budget: str) -> None:
-    runs.evaluate_runs(sweep(budget, frontier_grid(winners_of(budget)), split="test"))
+    cfg = sweep(budget, frontier_grid(winners_of(budget)), split="test")
+    runs.evaluate_runs(cfg, columns=polarity_columns)
 
 
 def stage_convergence(budget: str) -> None:
     grid = convergence_grid(winners_of(budget), budget)
     sweep_with_polarity(sweep(budget, grid))
-    runs.evaluate_runs(sweep(budget, grid, split="test"))
+    runs.evaluate_runs(sweep(budget, grid, split="test"), columns=polarity_columns)
 
 
 def _rows(budget: str) -> list[dict[str, Any]]:
