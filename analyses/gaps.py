@@ -87,12 +87,12 @@ def gap_range(
         return None, math.nan, math.nan, math.nan
     grid = np.exp(np.linspace(math.log(lo), math.log(hi), GRID_POINTS))
     x = np.array(sorted({lo, hi, *(x for x, _ in a + b if lo <= x <= hi), *grid.tolist()}))
-    gaps = _r2(a, x, interpolation) - _r2(b, x, interpolation)
-    mean = float(np.mean(_r2(a, grid, interpolation) - _r2(b, grid, interpolation)))
+    gaps = r2_at(a, x, interpolation) - r2_at(b, x, interpolation)
+    mean = float(np.mean(r2_at(a, grid, interpolation) - r2_at(b, grid, interpolation)))
     return (lo, hi), float(gaps.min()), float(gaps.max()), mean
 
 
-def _r2(frontier: list[tuple[float, float]], x: np.ndarray, interpolation: str) -> np.ndarray:
+def r2_at(frontier: list[tuple[float, float]], x: np.ndarray, interpolation: str) -> np.ndarray:
     """R^2 of a frontier at L0 values inside its range (clipped to it against rounding)."""
     lx = np.log([p[0] for p in frontier])
     ys = np.array([p[1] for p in frontier])

@@ -38,6 +38,7 @@ PAIRS = [
 ]
 N_BOOT = 1000
 MATCHED_L0 = (5.0, 10.0, 20.0, 40.0)
+PROFILE_L0 = (3.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)  # where the gap profile is read
 
 
 def family(label: str) -> str:
@@ -69,10 +70,13 @@ def write(budget: str) -> None:
         atomic_write_text(out / f"points-{split}.csv", points.to_csv(index=False))
         found = gap_table(budget, mine)
         atomic_write_text(out / f"gaps-{split}.csv", found.to_csv(index=False))
+        profile = profile_table(budget, mine)
+        atomic_write_text(out / f"gap-profile-{split}.csv", profile.to_csv(index=False))
         dead = dead_table(mine)
         atomic_write_text(out / f"dead-{split}.csv", dead.to_csv(index=False))
         sections += [
             (f"Gaps ({split})", _md(found, GAP_COLUMNS)),
+            (f"Gap by L0, log-linear, seed means ({split})", _md(profile, list(profile.columns))),
             (f"Dead latents at matched L0 ({split})", _md(dead, list(dead.columns))),
             (f"Frontier points ({split})", _md(points, POINT_COLUMNS)),
         ]
@@ -184,6 +188,26 @@ def gap_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
                     )  # fmt: skip
                 )
     return pd.DataFrame(out, columns=GAP_COLUMNS)
+
+
+def profile_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """R^2 of a minus R^2 of b at ``PROFILE_L0`` (inside both frontiers), per reported pair."""
+    cs = curves(budget, rows)
+    out = []
+    for hook in dict.fromkeys(r["hook_kind"] for r in rows):
+        for a, b in PAIRS if hook == fair.MAIN_HOOK else PAIRS[:1]:
+            if (hook, a) not in cs or (hook, b) not in cs:
+                continue
+            fa, fb = (gaps.frontier_points(cs[(hook, n)]) for n in (a, b))
+            lo, hi = max(fa[0][0], fb[0][0]), min(fa[-1][0], fb[-1][0])
+            row: dict[str, Any] = {"hook_kind": hook, "a": a, "b": b}
+            for l0 in PROFILE_L0:
+                x = np.array([l0])
+                inside = lo <= l0 <= hi
+                d = gaps.r2_at(fa, x, "log_linear") - gaps.r2_at(fb, x, "log_linear")
+                row[f"L0={l0:g}"] = f"{d[0]:+.3f}" if inside else "-"
+            out.append(row)
+    return pd.DataFrame(out)
 
 
 def _inside(overlap: tuple[float, float] | None, *cs: gaps.Curve) -> str:
