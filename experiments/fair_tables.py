@@ -80,6 +80,10 @@ def write(budget: str) -> None:
             (f"Dead latents at matched L0 ({split})", _md(dead, list(dead.columns))),
             (f"Frontier points ({split})", _md(points, POINT_COLUMNS)),
         ]
+    longer = convergence_table(budget, rows)
+    if len(longer):
+        atomic_write_text(out / "convergence.csv", longer.to_csv(index=False))
+        sections.append(("Twice the steps (seed 0)", _md(longer, list(longer.columns))))
     text = "\n".join(f"## {title}\n\n{body}\n" for title, body in sections if body)
     atomic_write_text(out / "tables.md", f"# Fair benchmark tables ({budget})\n\n{text}")
     log.info("tables written to %s", out)
@@ -207,6 +211,38 @@ def profile_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
                 d = gaps.r2_at(fa, x, "log_linear") - gaps.r2_at(fb, x, "log_linear")
                 row[f"L0={l0:g}"] = f"{d[0]:+.3f}" if inside else "-"
             out.append(row)
+    return pd.DataFrame(out)
+
+
+def convergence_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The key families' 2x-steps runs beside their 300-step runs at the same settings (seed
+    0), and how far each moved off the 300-step frontier (seed means): R^2 of the longer run
+    minus the frontier's R^2 at the longer run's L0."""
+    out = []
+    for split in ("validation", "test"):
+        mine = [r for r in rows if runs.row_split(r) == split]
+        by_label = {(r["label"], r["sparsity"], r["seed"]): r for r in mine}
+        cs = curves(budget, [r for r in mine if fair.LONGER not in r["label"]])
+        for r in mine:
+            if not r["label"].endswith(fair.LONGER) or r["hook_kind"] != fair.MAIN_HOOK:
+                continue
+            base = by_label.get((r["label"].removesuffix(fair.LONGER), r["sparsity"], 0))
+            name = family(r["label"])
+            if base is None or (fair.MAIN_HOOK, name) not in cs:
+                continue
+            front = gaps.frontier_points(cs[(fair.MAIN_HOOK, name)])
+            inside = front[0][0] <= r["l0"] <= front[-1][0]
+            off = r["r2"] - gaps.r2_at(front, np.array([r["l0"]]), "log_linear")[0]
+            out.append(
+                dict(
+                    split=split,
+                    family=name,
+                    sparsity=r["sparsity"],
+                    l0=f"{base['l0']:.1f} -> {r['l0']:.1f}",
+                    r2=f"{base['r2']:.3f} -> {r['r2']:.3f}",
+                    off_frontier=f"{off:+.3f}" if inside else "-",
+                )  # fmt: skip
+            )
     return pd.DataFrame(out)
 
 
