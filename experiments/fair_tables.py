@@ -218,13 +218,14 @@ def convergence_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The key families' 2x-steps runs beside their 300-step runs at the same settings (seed
     0), and how far each moved off the 300-step frontier (seed means): R^2 of the longer run
     minus the frontier's R^2 at the longer run's L0."""
+    winners, _ = fair.select(rows)
     out = []
     for split in ("validation", "test"):
-        mine = [r for r in rows if runs.row_split(r) == split]
+        mine = [r for r in rows if runs.row_split(r) == split and r["hook_kind"] == fair.MAIN_HOOK]
         by_label = {(r["label"], r["sparsity"], r["seed"]): r for r in mine}
-        cs = curves(budget, [r for r in mine if fair.LONGER not in r["label"]])
+        cs = curves(budget, [r for r in mine if _in_frontier(r, winners)])
         for r in mine:
-            if not r["label"].endswith(fair.LONGER) or r["hook_kind"] != fair.MAIN_HOOK:
+            if not r["label"].endswith(fair.LONGER):
                 continue
             base = by_label.get((r["label"].removesuffix(fair.LONGER), r["sparsity"], 0))
             name = family(r["label"])
