@@ -110,7 +110,7 @@ FAMILIES = {
             (2.0, 8.0),
             {"jumprelu_sparsity_loss_mode": "tanh"},
             rate="threshold",
-        ),  # fmt: skip
+        ),
         Family("topk_2H", "topk", 2, (8, 16, 32, 64, 128), (16,)),
         Family("abstopk_H", "abstopk", 1, (8, 16, 32, 64, 128), (16,)),
         # the attribution's other cells take the winner of their sibling
@@ -123,7 +123,7 @@ FAMILIES = {
             options={"two_sided": False},
             rate="threshold_lr_scale",
             tuned_as="onesided_H",
-        ),  # fmt: skip
+        ),
         Family("gated_H", "gated", 1, _SA, rate="b_gate", tuned_as="gated_2H"),
     ]
 }
@@ -143,7 +143,7 @@ class Budget:
 
 
 BUDGETS = {
-    # 300 steps of 1024: each run sees 307k of the ~940k training tokens once (no repeats).
+    # 300 steps of 1024: each run sees 307k of the 1.28M training tokens once (no repeats).
     "cpu": Budget(
         h_expansion=1.0,
         train=dict(
@@ -155,24 +155,24 @@ BUDGETS = {
             autocast_dtype="bfloat16",
             checkpoint_every=100,
             log_every=50,
-        ),  # fmt: skip
+        ),
         eval_tokens=65536,
         ce_tokens=1024,
         device="cpu",
     ),
-    # H = 4 d_model; every training token seen twice (batch 4096).
+    # H = 4 d_model; every training token seen about once (320 steps of 4096).
     "gpu": Budget(
         h_expansion=4.0,
         train=dict(
-            total_steps=460,
+            total_steps=320,
             batch_size=4096,
-            lr_warm_up_steps=25,
-            lr_decay_steps=92,
+            lr_warm_up_steps=16,
+            lr_decay_steps=64,
             dead_window_tokens=262144,
             autocast_dtype="bfloat16",
             checkpoint_every=0,
             log_every=50,
-        ),  # fmt: skip
+        ),
         eval_tokens=65536,
         ce_tokens=4096,
         device="cuda",
@@ -187,7 +187,7 @@ def data_config(budget: Budget, split: str = "validation") -> runs.DataConfig:
         hooks=[MAIN_HOOK, *OTHER_HOOKS],
         text="shakespeare",
         context_size=128,
-        train_tokens=2_000_000,  # every token of the training plays (~940k)
+        train_tokens=2_000_000,  # every token of the training plays (1.28M)
         eval_tokens=budget.eval_tokens,
         ce_tokens=budget.ce_tokens,
         eval_split=split,
