@@ -165,9 +165,7 @@ def to_signed_init(
         metadata=SAEMetadata(hook_name=meta.hook_name, model_name=meta.model_name),
     )
     signed = SAGSAETrainingSAE(cfg)
-    with torch.no_grad():
-        for name, value in new.items():
-            getattr(signed, name).copy_(value)
+    signed.load_state_dict(new)
     return signed
 
 

@@ -11,9 +11,16 @@ x' = x - b_dec and p = x' W_enc (computed once per step):
     loss = ||x - x_hat||^2 + lambda sum_i ||d_i|| |u_i| + aux_coefficient ||x - (W_dec u + b_dec)||^2
 
 The sparsity penalty is on the gate only; the aux term (the live decoder, as in SAELens's
-Gated SAE) keeps gates from collapsing. After every optimiser step the trainer calls
-``constrain``: thresholds are clamped at 0, and latents that have not fired for
-``dead_reset_tokens`` tokens get their thresholds reset to ``threshold_init``.
+Gated SAE) keeps gates from collapsing. Each threshold is learned as ``raw_threshold_*``
+= threshold / ``threshold_lr_scale`` with the threshold's own gradient (``scaled_threshold``),
+so any optimiser, under any trainer, moves it ``threshold_lr_scale`` times as fast as a plain
+parameter; the state dict holds the raw parameters exactly, with their scale. Thresholds are
+>= 0: the raw
+parameters are clamped when read and projected back at the start of every training step,
+inside the SAE, so SAELens's trainer keeps them in range too. After every optimiser step
+sign-sae's trainer calls ``constrain``: latents that have not fired for ``dead_reset_tokens``
+tokens get their thresholds reset to ``threshold_init`` (SAELens's trainer has no such hook,
+so there they are not reset).
 
 At inference the gate and the magnitude fold into one pre-activation z = x' W_enc' + b_enc and
 two thresholds, so encoding is one matmul and a Bi-Jump-ReLU:
@@ -27,6 +34,7 @@ two thresholds, so encoding is one matmul and a Bi-Jump-ReLU:
 why each choice was made; the training step runs fused (``sign_sae.fused``) where it can.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,6 +54,8 @@ from sign_sae.storage import check_cfg_fields, write_folder
 
 ARCHITECTURE = "sa_gsae"
 THRESHOLDS = ("threshold_pos", "threshold_neg")
+RAW = "raw_"  # the training SAE learns raw_<threshold> = threshold / threshold_lr_scale
+LR_SCALE = "threshold_lr_scale"  # the state-dict entry that records that scale
 
 
 # ---- Bi-Jump-ReLU --------------------------------------------------------------------------
@@ -159,7 +169,8 @@ class SAGSAETrainingSAEConfig(StrictSAGSAEConfig, TrainingSAEConfig):
     - ``aux_coefficient``: weight of the auxiliary reconstruction from the gate path (0 = the
       paper's "no aux" ablation).
     - ``threshold_init``: the thresholds at the start and after a dead-latent reset.
-    - ``threshold_lr_scale``: the thresholds' learning rate as a multiple of the base rate.
+    - ``threshold_lr_scale``: the thresholds' learning rate as a multiple of the base rate,
+      built into the parametrisation (so every trainer honours it).
     - ``dead_reset_tokens``: reset a latent's thresholds after this many tokens without firing
       (0 = never).
     """
@@ -322,8 +333,14 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
     b_mag: nn.Parameter
     r_mag_neg: nn.Parameter
     b_mag_neg: nn.Parameter
-    threshold_pos: nn.Parameter
-    threshold_neg: nn.Parameter
+    raw_threshold_pos: nn.Parameter  # threshold_pos / threshold_lr_scale
+    raw_threshold_neg: nn.Parameter
+
+    def __init__(self, cfg: SAGSAETrainingSAEConfig, use_error_term: bool = False) -> None:
+        super().__init__(cfg, use_error_term)
+        # state dicts (files, checkpoints) hold the raw thresholds exactly, and their scale
+        self.register_state_dict_post_hook(_thresholds_out)
+        self.register_load_state_dict_pre_hook(_thresholds_in)
 
     @override
     def initialize_weights(self) -> None:
@@ -332,9 +349,23 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         vec = lambda v: latent_vector(self, v)  # noqa: E731
         self.b_gate, self.r_mag, self.b_mag = vec(0.0), vec(0.0), vec(0.0)
         for name in self.threshold_names():
-            setattr(self, name, vec(cfg.threshold_init))
+            setattr(self, RAW + name, vec(cfg.threshold_init / cfg.threshold_lr_scale))
         if self.untied:
             self.r_mag_neg, self.b_mag_neg = vec(0.0), vec(0.0)
+
+    @property
+    def threshold_pos(self) -> torch.Tensor:
+        """The positive gate's threshold, from its raw parameter (``scaled_threshold``)."""
+        return scaled_threshold(self.raw_threshold_pos, self.cfg.threshold_lr_scale)
+
+    @property
+    def threshold_neg(self) -> torch.Tensor:
+        """The negative gate's threshold (two-sided only)."""
+        return scaled_threshold(self.raw_threshold_neg, self.cfg.threshold_lr_scale)
+
+    def raw_thresholds(self) -> list[nn.Parameter]:
+        """The learned parameters behind this variant's thresholds."""
+        return [getattr(self, RAW + name) for name in self.threshold_names()]
 
     @property
     def untied(self) -> bool:
@@ -391,6 +422,7 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         """One shared encoder product feeds the gate, both magnitudes and the aux path."""
         sae_in = step_input.sae_in
         coefficient = step_input.coefficients["sparsity"]
+        self.clamp_thresholds()
         if self._can_fuse(sae_in):
             sae_out, f, m_pos, losses = self._fused_step(sae_in, coefficient)
         else:
@@ -463,7 +495,8 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
     def _latent_params(self) -> list[torch.Tensor | None]:
         """The per-latent parameters in ``Latents``'s order (None where the variant has none)."""
         names = ("b_gate", *THRESHOLDS, "r_mag", "b_mag", "r_mag_neg", "b_mag_neg")
-        return [getattr(self, n) if n in self._parameters else None for n in names]
+        have = lambda n: n in self._parameters or RAW + n in self._parameters  # noqa: E731
+        return [getattr(self, n) if have(n) else None for n in names]
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -474,24 +507,26 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
             )
         }
 
-    # ---- the trainer's protocol (sign_sae.trainer.Constrained) ----------------------------
-    def lr_scales(self) -> dict[str, float]:
-        """Learning-rate multipliers by parameter name: the thresholds learn at
-        ``threshold_lr_scale`` times the base rate."""
-        return dict.fromkeys(self.threshold_names(), self.cfg.threshold_lr_scale)
+    # ---- constraints ------------------------------------------------------------------------
+    @torch.no_grad()
+    def clamp_thresholds(self) -> None:
+        """Project the raw thresholds back onto >= 0, where they have a gradient again. Each
+        training step starts with it, so any trainer does it."""
+        for raw in self.raw_thresholds():
+            raw.clamp_(min=0.0)
 
     @torch.no_grad()
     def constrain(self, tokens_since_fired: torch.Tensor) -> torch.Tensor:
-        """After an optimiser step: clamp the thresholds at 0 and reset those of latents that
-        have not fired for ``dead_reset_tokens`` tokens; returns the mask of reset latents."""
+        """After an optimiser step (``sign_sae.trainer.Constrained``): reset the thresholds of
+        latents that have not fired for ``dead_reset_tokens`` tokens to ``threshold_init``;
+        returns the mask of reset latents."""
         window = self.cfg.dead_reset_tokens
-        dead = tokens_since_fired.to(self.device) >= window if window > 0 else None
-        for name in self.threshold_names():
-            threshold = getattr(self, name)
-            threshold.clamp_(min=0.0)
-            if dead is not None:
-                threshold[dead] = self.cfg.threshold_init
-        return dead if dead is not None else torch.zeros_like(tokens_since_fired, dtype=torch.bool)
+        if window <= 0:
+            return torch.zeros_like(tokens_since_fired, dtype=torch.bool)
+        dead = tokens_since_fired.to(self.device) >= window
+        for raw in self.raw_thresholds():
+            raw[dead] = self.cfg.threshold_init / self.cfg.threshold_lr_scale
+        return dead
 
     # ---- folding and export ----------------------------------------------------------------
     @override
@@ -499,7 +534,7 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
     def fold_W_dec_norm(self) -> None:
         norms = self.fold_and_get_W_dec_norm()
         # the biases and thresholds on the scale of p scale with W_enc's columns
-        for name in ("b_gate", "b_mag", "b_mag_neg", *THRESHOLDS):
+        for name in ("b_gate", "b_mag", "b_mag_neg", *(RAW + t for t in THRESHOLDS)):
             if name in self._parameters:
                 getattr(self, name).mul_(norms)
 
@@ -541,13 +576,51 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         )
 
 
+def scaled_threshold(raw: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale x max(raw, 0), whose gradient reaches ``raw`` unscaled: any optimiser that moves
+    ``raw`` by some step moves the threshold ``scale`` times as far (a learning-rate multiplier
+    for SGD and Adam alike), and gradient clipping sees the threshold's own gradient. Never
+    below 0, though an optimiser step may leave ``raw`` there until the next step."""
+    t = raw.clamp(min=0)
+    return t + (scale - 1) * t.detach()
+
+
+def _thresholds_out(
+    sae: SAGSAETrainingSAE, state: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict hook: record the scale of the raw thresholds, so that a saved state converts
+    to the inference form exactly (``to_inference_state``) without its config."""
+    state[prefix + LR_SCALE] = torch.tensor(sae.cfg.threshold_lr_scale)
+
+
+def _thresholds_in(sae: SAGSAETrainingSAE, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict hook: raw thresholds saved at another scale, or thresholds themselves
+    (an unfolded inference folder, or a checkpoint from before the parametrisation), become
+    this SAE's raw thresholds."""
+    scale = sae.cfg.threshold_lr_scale
+    saved = state.pop(prefix + LR_SCALE, None)
+    for name in sae.threshold_names():
+        raw = prefix + RAW + name
+        if prefix + name in state:
+            state[raw] = state.pop(prefix + name) / scale
+        elif saved is not None and raw in state and not math.isclose(float(saved), scale):
+            state[raw] = state[raw] * (float(saved) / scale)
+
+
+def _threshold(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A training state's threshold, >= 0, computed as the training forward computes it."""
+    if RAW + name in state:
+        return scaled_threshold(state[RAW + name], float(state[LR_SCALE]))
+    return state[name].clamp(min=0)
+
+
 # ---- the two saved forms ---------------------------------------------------------------------
 def to_inference_state(
     state: Mapping[str, torch.Tensor], tied: bool, two_sided: bool
 ) -> dict[str, torch.Tensor]:
     """``SAGSAE``'s folded parameters from ``SAGSAETrainingSAE``'s (the same function)."""
     scale = state["r_mag"].exp()
-    theta_pos = state["threshold_pos"].clamp(min=0)
+    theta_pos = _threshold(state, "threshold_pos")
     out = {
         "W_enc": state["W_enc"] * scale,
         "b_enc": state["b_mag"].clone(),
@@ -558,7 +631,7 @@ def to_inference_state(
     }
     if two_sided:
         untied = not tied
-        theta_neg = state["threshold_neg"].clamp(min=0)
+        theta_neg = _threshold(state, "threshold_neg")
         scale_neg = state["r_mag_neg"].exp() if untied else scale
         b_neg = state["b_mag_neg"] if untied else state["b_mag"]
         # -pi > theta-  <=>  -m- > exp(r-)(theta- + b_gate) - b_mag-; ReLU adds m- < 0.

@@ -393,7 +393,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
     missing / wrongly typed config fields; then loads through SAELens.
     """
     from sae_lens import SAE
-    from sae_lens.registry import SAE_CLASS_REGISTRY
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
     folder = Path(path)
     cfg = read_cfg(folder)
@@ -405,7 +405,11 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
             f"with SAELens (known: {sorted(SAE_CLASS_REGISTRY)}). Import the package that "
             "defines it first (e.g. `import sign_sae`)."
         )
-    sae_cls, cfg_cls = SAE_CLASS_REGISTRY[arch]
+    cfg_cls = SAE_CLASS_REGISTRY[arch][1]
+    training_cfg_cls = SAE_TRAINING_CLASS_REGISTRY.get(arch, (None, None))[1]
+    inference_fields = {f.name for f in fields(cfg_cls)} | _EXTRA_CFG_KEYS
+    if training_cfg_cls is not None and set(cfg) - inference_fields:
+        cfg_cls = training_cfg_cls  # a training checkpoint: SAELens keeps the inference fields
     check_cfg_fields(cfg, cfg_cls)
     weights = read_weights(folder / SAE_WEIGHTS_FILENAME)
     try:

@@ -7,9 +7,8 @@ dead-latent clock, the log rows, and checkpoints with exact resume (batches are 
 of the step, the step is deterministic, and a checkpoint holds the SAE, Adam's state and the
 trainer's own state in its own files).
 
-An SAE may implement ``Constrained`` (SA-GSAE does): the trainer then takes its learning-rate
-multipliers when it builds the optimiser and calls ``constrain`` after every optimiser step,
-with the clock, to clamp parameters and reset dead latents. SAEs without it train unchanged.
+An SAE may implement ``Constrained`` (SA-GSAE does): the trainer then calls ``constrain`` after
+every optimiser step, with the clock, to reset dead latents. SAEs without it train unchanged.
 
 Inputs are scaled by one scalar so that E||x||^2 = d_in (over the whole source where it can
 say, so that it does not depend on the seed); the factor is folded into the SAE when training
@@ -85,8 +84,8 @@ class TrainConfig:
     skip_nonfinite: bool = False  # drop rows with NaN/Inf (logged) instead of stopping
     log_every: int = 50  # steps between history rows
     seed: int = 0
-    # learning-rate multipliers by parameter-name pattern (fnmatch); they take precedence over
-    # the SAE's own (``Constrained.lr_scales``), e.g. {"b_gate": 10.0} for a Gated SAE
+    # learning-rate multipliers by parameter-name pattern (fnmatch), e.g. {"b_gate": 10.0} for
+    # a Gated SAE (SA-GSAE's threshold_lr_scale is part of its parametrisation instead)
     lr_scales: dict[str, float] = field(default_factory=dict)
     # "bfloat16": the SAE's forward under torch.autocast (matmuls in bf16; master weights,
     # optimiser state and gradients stay fp32); "float32": off
@@ -111,10 +110,6 @@ class TrainConfig:
 @runtime_checkable
 class Constrained(Protocol):
     """What an SAE may offer the trainer beyond SAELens's ``TrainingSAE``."""
-
-    def lr_scales(self) -> dict[str, float]:
-        """Learning-rate multipliers by parameter name (others get 1)."""
-        ...
 
     def constrain(self, tokens_since_fired: torch.Tensor) -> torch.Tensor:
         """Apply constraints after an optimiser step, given the tokens since each latent last
@@ -295,9 +290,8 @@ class Trainer:
         self.sae, self.data, self.cfg, self.progress = sae, data, cfg, progress
         self.ckpt_root = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.constrained = isinstance(sae, Constrained)
-        own = sae.lr_scales() if self.constrained else {}
         self.opt = torch.optim.Adam(
-            _param_groups(sae, cfg.lr_scales, own),
+            _param_groups(sae, cfg.lr_scales),
             lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
         )
@@ -497,17 +491,15 @@ def train(
     return Trainer(sae, data, cfg, run_dir, progress).run(resume, stop_at)
 
 
-def _param_groups(
-    sae: TrainingSAE, patterns: dict[str, float], own: dict[str, float]
-) -> list[dict[str, Any]]:
+def _param_groups(sae: TrainingSAE, patterns: dict[str, float]) -> list[dict[str, Any]]:
     """Adam parameter groups, one per learning-rate multiplier: the first of ``patterns`` that
-    matches a parameter's name decides, then the SAE's ``own`` multipliers, else 1."""
+    matches a parameter's name decides, else 1."""
     groups: dict[float, list[torch.nn.Parameter]] = {}
     used = set()
     for name, param in sae.named_parameters():
         pattern = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
         used.add(pattern)
-        scale = patterns[pattern] if pattern is not None else own.get(name, 1.0)
+        scale = patterns[pattern] if pattern is not None else 1.0
         groups.setdefault(scale, []).append(param)
     unused = sorted(set(patterns) - used)
     if unused:
@@ -539,7 +531,7 @@ def _start_together(sae: TrainingSAE, start: int) -> None:
             "Ranks found different checkpoints to resume from; the run folder must be on a "
             "file system that every node shares."
         )
-    distributed.broadcast_tensors(sae.state_dict().values())
+    distributed.broadcast_tensors([t.detach() for t in (*sae.parameters(), *sae.buffers())])
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ def sae():
         "sa_gsae", 16, 24, 1.0, threshold_init=0.05, metadata={"hook_name": HOOK}
     )
     with torch.no_grad():
-        sae.threshold_pos[:3] = 1e3
-        sae.threshold_neg[:3] = 1e3
+        sae.raw_threshold_pos[:3] = 1e3
+        sae.raw_threshold_neg[:3] = 1e3
     return sae
 
 

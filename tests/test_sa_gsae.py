@@ -12,6 +12,7 @@ from sae_lens.saes.sae import TrainStepInput
 import sign_sae
 from sign_sae import SAGSAE, SAGSAEConfig, SAGSAETrainingSAE, SAGSAETrainingSAEConfig, bi_jump_relu
 from sign_sae.errors import SignSAEError
+from sign_sae.sa_gsae import THRESHOLDS
 
 D_IN, D_SAE = 16, 48
 VARIANTS = [
@@ -30,8 +31,8 @@ def make_sae(seed: int = 0, **kwargs) -> SAGSAETrainingSAE:
         for name, p in sae.named_parameters():
             if p.ndim == 1:
                 p.copy_(0.3 * torch.randn_like(p))
-            if name.startswith("threshold"):
-                p.abs_()  # thresholds of about 0.3
+            if name.startswith("raw_threshold"):
+                p.abs_().div_(sae.cfg.threshold_lr_scale)  # thresholds of about 0.3
             if name == "W_dec":
                 p.mul_(1 + torch.rand(D_SAE, 1))  # non-unit norms for the fold tests
     return sae
@@ -190,13 +191,13 @@ def test_aux_coefficient_zero_drops_the_aux_term(x):
     assert "auxiliary_reconstruction_loss" not in sae.training_forward_pass(step_input(x)).losses
 
 
-def test_constrain_clamps_thresholds_and_resets_dead_latents(x):
+def test_a_training_step_clamps_thresholds_and_constrain_resets_dead_latents(x):
     sae = make_sae(dead_reset_tokens=1000, threshold_init=1e-3)
     with torch.no_grad():
-        sae.threshold_pos[:5] = 50.0  # these latents can never fire
-        sae.threshold_neg[:5] = 50.0
-        sae.threshold_pos[5] = -1.0  # out of range: must be clamped
-        sae.threshold_neg[6] = -2.0
+        sae.raw_threshold_pos[:5] = 50.0  # these latents can never fire
+        sae.raw_threshold_neg[:5] = 50.0
+        sae.raw_threshold_pos[5] = -1.0  # out of range (an optimiser step went below 0)
+        sae.raw_threshold_neg[6] = -2.0
     clock = torch.zeros(D_SAE, dtype=torch.long)
     clock[:5] = 1000
     clock[7] = 999  # one token short of the window: kept
@@ -205,14 +206,12 @@ def test_constrain_clamps_thresholds_and_resets_dead_latents(x):
     assert sae.threshold_pos[:5].tolist() == pytest.approx([1e-3] * 5)
     assert sae.threshold_neg[:5].tolist() == pytest.approx([1e-3] * 5)
     assert sae.threshold_pos[5].item() == 0.0 and sae.threshold_neg[6].item() == 0.0
-    assert (sae.threshold_pos[7:] > 0).all() and sae.threshold_neg[7].item() > 0.0
-    # the forward pass itself changes no parameter
+    assert sae.raw_threshold_pos[5].item() == -1.0  # constrain resets only; the step projects
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    with torch.no_grad():
-        sae.threshold_pos[8] = -1.0
-    before["threshold_pos"][8] = -1.0
     sae.training_forward_pass(step_input(x))
-    for k, v in sae.state_dict().items():
+    assert sae.raw_threshold_pos[5].item() == 0.0 and sae.raw_threshold_neg[6].item() == 0.0
+    before["raw_threshold_pos"][5], before["raw_threshold_neg"][6] = 0.0, 0.0
+    for k, v in sae.state_dict().items():  # and the step changes nothing else
         assert torch.equal(v, before[k]), k
 
 
@@ -222,9 +221,44 @@ def test_resets_off_with_a_zero_window():
     assert not reset.any()
 
 
-def test_thresholds_learn_at_their_own_rate():
-    assert make_sae().lr_scales() == {"threshold_pos": 10.0, "threshold_neg": 10.0}
-    assert make_sae(two_sided=False, threshold_lr_scale=3.0).lr_scales() == {"threshold_pos": 3.0}
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_thresholds_learn_at_their_own_rate_under_plain_adam(x, scale):
+    """threshold_lr_scale lives in the parametrisation: a plain Adam over sae.parameters()
+    (what SAELens's trainer builds) moves every threshold ``scale`` times as far as the base
+    rate in its first step (Adam's first step is lr x sign(gradient)), b_gate 1 times; and the
+    raw parameter's gradient is the threshold's own, so clipping sees what it saw before."""
+    sae = make_sae(threshold_lr_scale=scale)
+    values = lambda: {n: getattr(sae, n).detach().clone() for n in THRESHOLDS + ("b_gate",)}  # noqa: E731
+    before = values()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.training_forward_pass(step_input(3 * x)).loss.backward()
+    threshold = sae.threshold_pos.detach().requires_grad_()
+    with torch.no_grad():
+        plain = make_sae(threshold_lr_scale=1.0)
+        plain.raw_threshold_pos.copy_(threshold)
+    plain.training_forward_pass(step_input(3 * x)).loss.backward()
+    torch.testing.assert_close(sae.raw_threshold_pos.grad, plain.raw_threshold_pos.grad)
+    opt.step()
+    for name, rate in ((THRESHOLDS[0], scale), (THRESHOLDS[1], scale), ("b_gate", 1.0)):
+        moved = (values()[name] - before[name]).abs()
+        assert (moved != 0).sum() > D_SAE // 4, name
+        step = moved[moved != 0]
+        torch.testing.assert_close(step, torch.full_like(step, rate * 1e-3), rtol=1e-3, atol=0)
+
+
+def test_the_state_dict_holds_raw_thresholds_and_their_scale(tmp_path):
+    """Exact round trips (resume depends on it), and a state saved at one scale loads into an
+    SAE learning at another with the same thresholds."""
+    sae = make_sae(threshold_lr_scale=4.0)
+    state = sae.state_dict()
+    assert state["threshold_lr_scale"].item() == 4.0
+    assert torch.equal(state["raw_threshold_neg"], sae.raw_threshold_neg.detach())
+    sae.save_model(tmp_path)
+    back = SAGSAETrainingSAE.load_from_disk(tmp_path)
+    assert torch.equal(back.raw_threshold_pos, sae.raw_threshold_pos)
+    other = make_sae(threshold_lr_scale=2.0, seed=1)  # another parametrisation, same function
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.threshold_pos, sae.threshold_pos)
 
 
 # ---- Bi-Jump-ReLU -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformerConfig
 
 import sign_sae  # noqa: F401  (registers sa_gsae)
+from sign_sae.storage import load_sae
 
 ARCHS = ["sa_gsae", "standard", "gated", "jumprelu"]
 D_IN, D_SAE, HOOK = 16, 32, "blocks.0.hook_resid_post"
@@ -33,14 +34,18 @@ def make(arch: str, seed: int = 0, **cfg) -> TrainingSAE:
     config = cfg_cls(d_in=D_IN, d_sae=D_SAE, **cfg)
     config.metadata.hook_name = HOOK
     sae = cls(config)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if p.ndim == 1:
-                p.copy_(0.2 * torch.randn_like(p))
-            if "threshold" in name:
-                p.abs_()
-            if name == "W_dec":
-                p.mul_(1 + torch.rand(D_SAE, 1))  # non-unit rows for the fold checks
+    state = sae.state_dict()
+    scale = float(state.get("threshold_lr_scale", 1.0))  # SA-GSAE learns threshold / scale
+    for name, p in state.items():
+        if p.ndim == 1:
+            p.copy_(0.2 * torch.randn_like(p))
+        if "threshold" in name:
+            p.abs_()
+        if name.startswith("raw_"):
+            p.div_(scale)
+        if name == "W_dec":
+            p.mul_(1 + torch.rand(D_SAE, 1))  # non-unit rows for the fold checks
+    sae.load_state_dict(state)
     return sae
 
 
@@ -228,9 +233,10 @@ def test_either_form_loads_with_either_loader(arch, tmp_path):
     sae.save_model(tmp_path / "training")
     sae.save_inference_model(tmp_path / "inference")
     inf = SAE.load_from_disk(tmp_path / "training")
+    safe = load_sae(tmp_path / "training")  # sign-sae's checked loader takes it too
     train = TrainingSAE.load_from_disk(tmp_path / "inference")
     assert not isinstance(inf, TrainingSAE) and isinstance(train, TrainingSAE)
-    for other in (inf, train):
+    for other in (inf, safe, train):
         torch.testing.assert_close(other.decode(other.encode(x())), out, atol=1e-5, rtol=1e-5)
         assert torch.equal(torch.sign(other.encode(x())), torch.sign(sae.encode(x())))
     loss = train.training_forward_pass(_step_input(train, x())).loss
