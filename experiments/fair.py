@@ -37,8 +37,7 @@ import pandas as pd
 from analyses.sweep import polarity_columns
 from analyses.sweep import run as sweep_with_polarity
 from sign_sae import runs
-from sign_sae.harvest import DTYPES, harvest
-from sign_sae.models import hook_name, load_model, mid_layer
+from sign_sae.models import load_model
 
 log = logging.getLogger("experiments.fair")
 
@@ -325,19 +324,11 @@ def stage_harvest(budget: str) -> None:
     cfg = sweep(budget, tuning_grid())
     model = load_model("smollm2-135m", device=cfg.data.device)
     source = runs.Source(cfg.data, {"smollm2-135m": model})
-    names = [h if "hook_" in h else hook_name(h, mid_layer(model)) for h in cfg.data.hooks]
+    names = [runs.resolve_hook(model, h, cfg.data.layer) for h in cfg.data.hooks]
     for split in ("train", "validation", "test"):
         start = time.perf_counter()
-        caches = harvest(
-            model,
-            source.tokens(model, split),
-            names,
-            runs.activations_dir(cfg.out_dir, "smollm2-135m", split),
-            batch_size=cfg.data.harvest_batch_size,
-            dtype=DTYPES[cfg.data.harvest_dtype],
-            model_name="smollm2-135m",
-            forward_dtype=DTYPES[cfg.data.forward_dtype],
-        )
+        tokens = source.tokens(model, split)
+        caches = runs.harvest_split(cfg, "smollm2-135m", model, tokens, names, split)
         n = next(iter(caches.values())).n_tokens
         log.info("harvest %s: %d tokens x %d hooks in %.0f s", split, n, len(names),
                  time.perf_counter() - start)  # fmt: skip

@@ -103,9 +103,7 @@ def build() -> None:
         r.hook: ActivationCache.open(runs.activations_dir(cfg.out_dir, MODEL, "train") / r.hook)
         for r in trained
     }
-    export(
-        cfg.out_dir, OUT, RELEASE, train_acts, ids=ids, weights_dtype="float16", repo_id="."
-    )
+    export(cfg.out_dir, OUT, RELEASE, train_acts, ids=ids, weights_dtype="float16", repo_id=".")
     _register_shipped()
     # the cards: metrics of the shipped (fp16) weights, loaded the way a user loads them
     register_releases(PACKAGE / "releases.yaml", replace=True)

@@ -68,15 +68,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from analyses.report import render  # the CLI is the one place that joins the two packages
+    # the CLI is the one place that joins the two packages
+    from analyses.report import render, render_release
 
-    path = render(
-        args.run,
-        args.out,
-        latents=args.latents or None,
-        n_latents=args.n_latents,
-        n_tokens=args.tokens,
-    )
+    if (args.run is None) == (args.release is None):
+        raise SignSAEError("Give a run folder or --release NAME (one of the two).")
+    options = dict(latents=args.latents or None, n_latents=args.n_latents, n_tokens=args.tokens)
+    if args.release is not None:
+        path = render_release(args.release, args.out, args.sae_id or None, **options)
+    else:
+        path = render(args.run, args.out, **options)
     print(f"Report (opens offline): {path}")
 
 
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
-    r.add_argument("run", help="run folder")
+    r.add_argument("run", nargs="?", help="run folder")
+    r.add_argument("--release", help="a registered release instead, e.g. sign-sae-smollm2-135m")
+    r.add_argument("--sae-id", nargs="*", help="SAE ids of the release (default: all)")
     r.add_argument("-o", "--out", default="report.html", help="output file (default: report.html)")
     r.add_argument("--latents", type=int, nargs="*", help="latent ids (default: most bipolar)")
     r.add_argument("--n-latents", type=int, default=4, help="dashboards per SAE (default: 4)")

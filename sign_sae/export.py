@@ -20,7 +20,7 @@ brings a doubled tied SA-GSAE back exactly.
 """
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from sae_lens.saes.sae import SAEMetadata
 
 from sign_sae import ARCHITECTURE, SAGSAE, SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 from sign_sae.errors import SignSAEError
-from sign_sae.harvest import ActivationCache, InvalidCacheError
+from sign_sae.harvest import DTYPES, ActivationCache, InvalidCacheError
 from sign_sae.markdown import markdown_table
 from sign_sae.metrics import LatentStats
 from sign_sae.releases import LOADER
@@ -234,25 +234,31 @@ def export(
     source: str | Path,
     out_dir: str | Path,
     release_name: str | None = None,
-    activations: Activations | None = None,
+    activations: Activations | Mapping[str, Activations] | None = None,
     *,
     doubled: bool = False,
     repo_id: str = ".",
     batch_size: int = 4096,
+    ids: Mapping[str, str] | None = None,
+    weights_dtype: str | None = None,
 ) -> Path:
     """Write the SAE(s) of ``source`` (a run folder or one SAE folder) as a SAELens release in
     ``out_dir``; returns the path of its ``release.yaml`` entry.
 
-    ``activations`` (a ``[..., d_in]`` tensor, an ``ActivationCache`` or its folder) of the SAEs'
-    hook give ``sparsity.safetensors``; without them it is omitted and README/YAML say so.
-    ``doubled`` writes each SA-GSAE as its ``to_doubled_jumprelu`` (others as they are).
-    ``repo_id`` goes into the entry: ``"."`` (this folder, for ``register_releases``) until the
-    folder is uploaded to a hub repo. ``release_name`` defaults to the name of ``out_dir``.
+    ``activations`` (a ``[..., d_in]`` tensor, an ``ActivationCache`` or its folder; for SAEs
+    at several hooks, a mapping from hook name to those) give ``sparsity.safetensors``; without
+    them it is omitted and README/YAML say so. ``doubled`` writes each SA-GSAE as its
+    ``to_doubled_jumprelu`` (others as they are). ``repo_id`` goes into the entry: ``"."``
+    (this folder, for ``register_releases``) until the folder is uploaded to a hub repo.
+    ``release_name`` defaults to the name of ``out_dir``. ``ids`` maps run names to SAE ids
+    (default: the hook when one SAE reads it, else ``<hook>/<name>``). ``weights_dtype``
+    (e.g. ``"float16"``) stores the weights smaller; the config keeps the SAE's dtype, which
+    SAELens loads them as.
     """
     source, out_dir = Path(source), Path(out_dir)
     release_name = release_name or out_dir.resolve().name
     items = _sources(source)
-    ids = _sae_ids(items)
+    ids = [ids[name] for name, _, _ in items] if ids is not None else _sae_ids(items)
     saes = []
     for name, folder, _ in items:
         check_inside(
@@ -263,12 +269,13 @@ def export(
             sae = to_doubled_jumprelu(sae)
         log.info("exporting %s as %s", name, sae.cfg.architecture())
         saes.append(sae)
-    freqs, n_tokens = (
-        log_sparsity(saes, activations, batch_size) if activations is not None else ([], 0)
-    )
+    freqs, n_tokens = _sparsity(saes, activations, batch_size)
+    store = DTYPES[weights_dtype] if weights_dtype is not None else None
     for i, sae in enumerate(saes):
         state = sae.state_dict()
         sae.process_state_dict_for_saving(state)
+        if store is not None:
+            state = {k: v.to(store) if v.is_floating_point() else v for k, v in state.items()}
         files: dict[str, Any] = {SAE_WEIGHTS_FILENAME: state, SAE_CFG_FILENAME: sae.cfg.to_dict()}
         if freqs:
             files[SPARSITY_FILENAME] = {"sparsity": freqs[i]}
@@ -341,6 +348,27 @@ def log_sparsity(
         raise SignSAEError("No activations to compute firing frequencies from.")
     out = [torch.log10((s.n_pos + s.n_neg) / n_tokens + SPARSITY_EPS).float() for s in stats]
     return out, n_tokens
+
+
+def _sparsity(
+    saes: list[SAE], activations: Activations | Mapping[str, Activations] | None, batch_size: int
+) -> tuple[list[torch.Tensor], int]:
+    """``log_sparsity`` of each SAE over its hook's activations (([], 0) without any)."""
+    if activations is None:
+        return [], 0
+    if not isinstance(activations, Mapping):
+        return log_sparsity(saes, activations, batch_size)
+    freqs, counts = [], set()
+    for sae in saes:
+        hook = sae.cfg.metadata.hook_name
+        if hook not in activations:
+            raise SignSAEError(
+                f"No activations given for hook {hook!r}; given: {sorted(activations)}."
+            )
+        (freq,), n = log_sparsity([sae], activations[hook], batch_size)
+        freqs.append(freq)
+        counts.add(n)
+    return freqs, min(counts)
 
 
 def _batches(activations: Activations, batch_size: int) -> Iterable[torch.Tensor]:

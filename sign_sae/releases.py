@@ -45,6 +45,7 @@ from sign_sae.storage import check_inside, read_cfg, read_weights, verify_folder
 
 LOADER = "sign_sae"
 SHIPPED = "releases.yaml"
+CARD_FILE = "card.json"  # beside an SAE's weights in a release: recipe, commit, held-out metrics
 _HUB_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 _ENTRY_KEYS = {"repo_id", "model", "conversion_func", "saes", "config_overrides"}
 _SAE_KEYS = {"id", "path", "variance_explained", "l0", "neuronpedia", "norm_scaling_factor"}

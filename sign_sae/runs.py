@@ -527,7 +527,7 @@ def resolve(cfg: SweepConfig, model_spec: ModelSpec, model: Any) -> list[Run]:
     """The plan's runs of one model, resolved against it: hook names, widths, hashes."""
     points = [p for p in plan(cfg) if p.model.name == model_spec.name]
     layer = model_spec.layer if model_spec.layer is not None else cfg.data.layer
-    names = {h: _hook_name(model, h, layer) for h in dict.fromkeys(p.hook for p in points)}
+    names = {h: resolve_hook(model, h, layer) for h in dict.fromkeys(p.hook for p in points)}
     d_in = _hook_widths(model, list(names.values()))
     return [
         Run(
@@ -543,7 +543,8 @@ def resolve(cfg: SweepConfig, model_spec: ModelSpec, model: Any) -> list[Run]:
     ]
 
 
-def _hook_name(model: Any, hook: str, layer: int | None) -> str:
+def resolve_hook(model: Any, hook: str, layer: int | None) -> str:
+    """A hook kind (``mlp_out``) at ``layer`` (default: mid depth), or a full hook name as is."""
     if hook in HOOK_KINDS:
         return hook_name(hook, mid_layer(model) if layer is None else layer)
     return hook
@@ -647,7 +648,8 @@ def train_runs(cfg: SweepConfig, source: Source | None = None, progress: bool = 
         todo = [r for r in runs if not r.trained]
         log.info("%s: %d of %d runs to train", spec.name, len(todo), len(runs))
         if todo:
-            acts = _TrainActs(_harvest(cfg, model, source.tokens(model, "train"), todo, "train"))
+            tokens, hooks = source.tokens(model, "train"), [r.hook for r in todo]
+            acts = _TrainActs(harvest_split(cfg, spec.name, model, tokens, hooks, "train"))
             for i, run in enumerate(todo):
                 log.info("[%d/%d] training %s at %s", i + 1, len(todo), run.point.name, run.hook)
                 train_run(run, acts(run.hook), progress)
@@ -670,7 +672,8 @@ def evaluate_runs(
         untrained = sum(not r.trained for r in runs)
         log.info("%s: %d runs to evaluate, %d not trained", spec.name, len(todo), untrained)
         if todo:
-            held = _held_out(cfg, model, source.tokens(model, cfg.data.eval_split), todo)
+            tokens = source.tokens(model, cfg.data.eval_split)
+            held = held_out_split(cfg, spec.name, model, tokens, [r.hook for r in todo])
             for run in todo:
                 table.add(evaluate_run(run, held, columns))
     return table.rows
@@ -710,8 +713,11 @@ def _sweep_model(
 ) -> None:
     """All pending runs of one model from its two harvests (train and the held-out split, every
     hook)."""
-    acts = _TrainActs(_harvest(cfg, model, source.tokens(model, "train"), todo, "train"))
-    held = _held_out(cfg, model, source.tokens(model, cfg.data.eval_split), todo)
+    name, hooks = todo[0].point.model.name, [r.hook for r in todo]
+    acts = _TrainActs(
+        harvest_split(cfg, name, model, source.tokens(model, "train"), hooks, "train")
+    )
+    held = held_out_split(cfg, name, model, source.tokens(model, cfg.data.eval_split), hooks)
     order = {run.config_hash: i for i, run in enumerate(todo)}
     world = distributed.get_world()
     for start in range(0, len(todo), world):  # under torchrun, rank r takes run start + r
@@ -741,29 +747,35 @@ def activations_dir(out_dir: str | Path, model_name: str, split: str) -> Path:
     return Path(out_dir) / "activations" / _safe(model_name) / split
 
 
-def _harvest(
-    cfg: SweepConfig, model: Any, tokens: torch.Tensor, runs: list[Run], split: str
+def harvest_split(
+    cfg: SweepConfig,
+    model_name: str,
+    model: Any,
+    tokens: torch.Tensor,
+    hooks: list[str],
+    split: str,
 ) -> dict[str, ActivationCache]:
-    """One harvest of ``tokens`` at every hook of ``runs``; under torchrun rank 0 fills it and
-    the others reuse it."""
-    name = runs[0].point.model.name
-    folder = activations_dir(cfg.out_dir, name, split)
+    """One harvest of ``tokens`` (a split's) at ``hooks`` into the sweep's cache, or the cache
+    as it is when it holds them; under torchrun rank 0 fills it and the others reuse it."""
+    folder = activations_dir(cfg.out_dir, model_name, split)
     with distributed.main_first(), locked(folder.parent / f".{split}.lock"):
         return harvest(
             model,
             tokens,
-            list(dict.fromkeys(r.hook for r in runs)),
+            list(dict.fromkeys(hooks)),
             folder,
             batch_size=cfg.data.harvest_batch_size,
             dtype=DTYPES[cfg.data.harvest_dtype],
-            model_name=name,
+            model_name=model_name,
             forward_dtype=DTYPES[cfg.data.forward_dtype],
         )
 
 
-def _held_out(cfg: SweepConfig, model: Any, tokens: torch.Tensor, runs: list[Run]) -> HeldOut:
-    """The evaluator of one model over the held-out harvest at the hooks of ``runs``."""
-    caches = _harvest(cfg, model, tokens, runs, cfg.data.eval_split)
+def held_out_split(
+    cfg: SweepConfig, model_name: str, model: Any, tokens: torch.Tensor, hooks: list[str]
+) -> HeldOut:
+    """The evaluator of one model over the harvest of ``data.eval_split`` at ``hooks``."""
+    caches = harvest_split(cfg, model_name, model, tokens, hooks, cfg.data.eval_split)
     return HeldOut(
         model,
         tokens,

@@ -208,6 +208,25 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
     assert type(SAE.from_pretrained("tiny-run", f"{HOOK}/gated")).__name__ == "GatedSAE"
 
 
+def test_export_with_chosen_ids_half_precision_and_activations_by_hook(run_dir, tmp_path):
+    """What the shipped release uses: ids by run name, fp16 weights that load as the SAE's
+    dtype, and firing frequencies from a mapping of hook to activations."""
+    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "train") / HOOK)
+    ids = {"sa": HOOK, "gated": f"{HOOK}/gated_2H"}
+    path = export(run_dir, tmp_path / "out", "half", {HOOK: acts}, ids=ids, weights_dtype="float16")
+    entry = yaml.safe_load(path.read_text())["half"]
+    assert [s["id"] for s in entry["saes"]] == [HOOK, f"{HOOK}/gated_2H"]
+    stored = load_file(tmp_path / "out" / HOOK / "sae_weights.safetensors")
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    back = SAE.load_from_disk(tmp_path / "out" / HOOK)
+    trained = SAE.load_from_disk(run_dir / trained_runs(run_dir)["sa"]["folder"] / "sae")
+    assert back.W_enc.dtype == torch.float32
+    assert torch.equal(back.W_enc, trained.W_enc.half().float())
+    assert (tmp_path / "out" / HOOK / "sparsity.safetensors").is_file()
+    with pytest.raises(ValueError, match="No activations given for hook"):
+        export(run_dir, tmp_path / "out2", "x", {"blocks.9.hook_mlp_out": acts})
+
+
 def test_export_run_doubled_and_without_usable_activations(run_dir, tmp_path):
     shutil.copytree(run_dir, tmp_path / "run")
     train = activations_dir(tmp_path / "run", "tiny-model", "train")

@@ -1,7 +1,8 @@
 """Self-contained HTML reports of a run or a sweep: one file that opens offline and is safe to open.
 
 ``render(run_dir, out_path)`` writes the report of a run folder (metrics, parameter accounting,
-figures, a dashboard per selected latent); ``render_sweep(results, out_path)`` writes the table
+figures, a dashboard per selected latent); ``render_release(release, out_path)`` the same for a
+registered release's SAEs (a shipped one needs no training); ``render_sweep(results, out_path)`` writes the table
 and the R^2-vs-L0 frontier of a sweep's results. The circuitsvis bundle is inlined once, plots
 are inline SVG, a Content-Security-Policy forbids every network request and every script but the
 page's own two, and every token and label is escaped. See docs/report.md.
@@ -11,11 +12,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from analyses.report.gather import DEFAULT_ALPHAS, Latents, collect, read_rows
+from analyses.report.gather import DEFAULT_ALPHAS, Latents, collect, collect_release, read_rows
 from analyses.report.layout import Report, page
 from sign_sae.storage import atomic_write_text
 
-__all__ = ["Report", "collect", "page", "render", "render_sweep", "write"]
+__all__ = [
+    "Report",
+    "collect",
+    "collect_release",
+    "page",
+    "render",
+    "render_release",
+    "render_sweep",
+    "write",
+]
 
 
 def render(
@@ -56,6 +66,15 @@ def render(
         batch_size,
     )
     return write(report, out_path)
+
+
+def render_release(
+    release: str, out_path: str | Path, sae_ids: Sequence[str] | None = None, **kwargs: Any
+) -> Path:
+    """Write the HTML report of a registered release's SAEs (all, or ``sae_ids``) without
+    training anything; ``kwargs`` as ``render`` (and ``text``, ``split``, ``context_size`` of
+    the held-out text, default the validation plays)."""
+    return write(collect_release(release, sae_ids, **kwargs), out_path)
 
 
 def render_sweep(results: str | Path, out_path: str | Path, title: str | None = None) -> Path:

@@ -1,5 +1,6 @@
-"""Gather what a report shows from a run folder: results, parameter tensors, a polarity census per
-SAE on held-out text, and per selected latent its top examples, logit lens and steering dial.
+"""Gather what a report shows from a run folder or a release: results, parameter tensors, a
+polarity census per SAE on held-out text, and per selected latent its top examples, logit lens
+and steering dial.
 
 Each hook is read once (one forward pass over the eval tokens to the hook's layer); every SAE on
 that hook is encoded from the same activations.
@@ -7,7 +8,7 @@ that hook is encoded from the same activations.
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import EvalResult
 from sign_sae.models import load_model
+from sign_sae.releases import CARD_FILE, find_release, load_pretrained
 from sign_sae.runs import RESULTS_JSON, SWEEP_FILE, load_sweep, read_results, trained_runs
-from sign_sae.storage import load_sae
+from sign_sae.storage import load_sae, read_json
 
 DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
@@ -58,20 +60,104 @@ def collect(
         )
     data = load_sweep(run).data
     found = _trained(run, saes)
+    loaded = {name: load_sae(run / record["folder"] / "sae") for name, record in found.items()}
+    source = Source(
+        title=f"sign-sae report: {run.resolve().name}",
+        model_name=next(iter(found.values()))["model"],
+        text=data.text,
+        split=data.eval_split,
+        context_size=data.context_size,
+        rows=_result_rows(run, found),
+    )
+    return _collect(source, loaded, model, latents, n_latents, n_tokens, n_examples, alphas,
+                    n_prompts, prompt_len, batch_size)  # fmt: skip
+
+
+def collect_release(
+    release: str,
+    sae_ids: Sequence[str] | None = None,
+    model: Any | None = None,
+    latents: Latents | None = None,
+    n_latents: int = 4,
+    n_tokens: int = 8192,
+    n_examples: int = 8,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    n_prompts: int = 4,
+    prompt_len: int = 32,
+    batch_size: int = 8,
+    text: str = "shakespeare",
+    split: str = "validation",
+    context_size: int = 128,
+) -> Report:
+    """The ``Report`` of SAEs of a registered release (all of it, or ``sae_ids``), analysed on
+    ``split`` of ``text``; the metrics table shows the held-out metrics of each SAE's card
+    (``card.json`` beside a local release's weights) where it has one."""
+    ids = list(sae_ids) if sae_ids else list(find_release(release).saes_map)
+    loaded = {sae_id: load_pretrained(release, sae_id) for sae_id in ids}
+    names = {sae.cfg.metadata.model_name for sae in loaded.values()}
+    if len(names) != 1 or None in names:
+        raise SignSAEError(f"A report reads one model; the SAEs {ids} name models {names}.")
+    source = Source(
+        title=f"sign-sae report: {release}",
+        model_name=names.pop(),
+        text=text,
+        split=split,
+        context_size=context_size,
+        rows=[row for sae_id in ids if (row := _card_row(release, sae_id)) is not None],
+    )
+    return _collect(source, loaded, model, latents, n_latents, n_tokens, n_examples, alphas,
+                    n_prompts, prompt_len, batch_size)  # fmt: skip
+
+
+@dataclass
+class Source:
+    """Where a report's SAEs come from: its title, their model, the held-out text and the rows
+    of its metrics table."""
+
+    title: str
+    model_name: str
+    text: str
+    split: str
+    context_size: int
+    rows: list[dict[str, Any]]
+
+
+def _card_row(release: str, sae_id: str) -> dict[str, Any] | None:
+    """The held-out metrics of a local release SAE's ``card.json``, as a table row."""
+    lookup = find_release(release)
+    card = Path(lookup.repo_id) / lookup.saes_map[sae_id] / CARD_FILE
+    if not card.is_file():
+        return None
+    held = read_json(card).get("held_out") or {}
+    return {"name": sae_id, **{k: held[k] for k in _ROW_KEYS if k in held}}
+
+
+def _collect(
+    source: Source,
+    loaded: dict[str, Any],
+    model: Any | None,
+    latents: Latents | None,
+    n_latents: int,
+    n_tokens: int,
+    n_examples: int,
+    alphas: Sequence[float],
+    n_prompts: int,
+    prompt_len: int,
+    batch_size: int,
+) -> Report:
+    """The report of the ``loaded`` SAEs (by name) on ``source``'s held-out text."""
     if not 1 <= n_examples <= polarity.MAX_TOP_EXAMPLES:
         raise SignSAEError(
             f"n_examples must be in [1, {polarity.MAX_TOP_EXAMPLES}], got {n_examples}."
         )
     if n_latents < 0:
         raise SignSAEError(f"n_latents must be >= 0, got {n_latents}.")
-    loaded = {name: load_sae(run / record["folder"] / "sae") for name, record in found.items()}
     hooks = {name: sae.cfg.metadata.hook_name for name, sae in loaded.items()}
     unhooked = [name for name, hook in hooks.items() if not hook]
     if unhooked:
         raise SignSAEError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
-    model_name = next(iter(found.values()))["model"]
-    model = model if model is not None else load_model(model_name)
-    tokens = tokenize(model, load_texts(data.text, data.eval_split), data.context_size, n_tokens)
+    model = model if model is not None else load_model(source.model_name)
+    tokens = tokenize(model, load_texts(source.text, source.split), source.context_size, n_tokens)
     n_batches = math.ceil(tokens.shape[0] / batch_size)
     acts = {
         hook: torch.cat(
@@ -113,20 +199,18 @@ def collect(
     ]  # fmt: skip
     for sec in sections:
         sec.mirrored = mirrored[sec.name]
-    rows = _result_rows(run, found)
+    rows = source.rows
     facts = [
-        ("model", model_name),
+        ("model", source.model_name),
         ("hooks", ", ".join(dict.fromkeys(hooks.values()))),
-        ("held-out text", data.text),
+        ("held-out text", f"{source.text} ({source.split} split)"),
         ("tokens analysed", f"{sections[0].census.n_tokens:,} (BOS excluded)"),
     ]
     if alphas:
         facts.append(("steering prompts", f"{prompts.shape[0]} × {prompts.shape[1]} tokens"))
     if not rows:
-        facts.append(("results.json", "missing: run `sign-sae eval` for the metrics table"))
-    return Report(
-        title=f"sign-sae report: {run.resolve().name}", facts=facts, rows=rows, saes=sections
-    )
+        facts.append(("metrics", "none recorded for these SAEs (`sign-sae eval` writes a run's)"))
+    return Report(title=source.title, facts=facts, rows=rows, saes=sections)
 
 
 def _section(
