@@ -24,7 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from experiments import fair
@@ -34,7 +33,8 @@ from sign_sae.evaluate import HeldOut, held_out
 from sign_sae.export import export
 from sign_sae.harvest import ActivationCache
 from sign_sae.models import load_model
-from sign_sae.releases import load_pretrained, register_releases
+from sign_sae.releases import CARD_FILE, load_pretrained, register_releases
+from sign_sae.storage import atomic_write_text
 
 log = logging.getLogger("experiments.release")
 
@@ -69,7 +69,7 @@ def sweep(split: str = "validation") -> runs.SweepConfig:
     )
 
 
-def check_metrics(sae: Any, model: Any, check: HeldOut) -> dict[str, float]:
+def check_metrics(sae: Any, check: HeldOut) -> dict[str, float]:
     """R^2 and L0 on the check rows: what the card records and the test recomputes."""
     result = check.evaluate(sae)
     return {"r2": result.r2, "l0": result.l0}
@@ -89,40 +89,38 @@ def _commit() -> str:
 
 
 def build() -> None:
-    cfg = sweep()
+    cfg, test = sweep(), sweep("test")
     runs.run_sweep(cfg)  # harvest (or reuse), train, evaluate on validation
-    runs.evaluate_runs(sweep("test"))
+    runs.evaluate_runs(test)
     model = load_model(MODEL)
-    trained = runs.resolve(cfg, cfg.data.models[0], model)
-    names = {r.point.name: r for r in trained}
-    ids = {
-        name: r.hook if r.point.entry.arch == "sa_gsae" else f"{r.hook}/gated_2H"
-        for name, r in names.items()
+    trained = {r.config_hash: r for r in runs.resolve(cfg, cfg.data.models[0], model)}
+    ids = {  # SA-GSAE answers to the bare hook, Gated to <hook>/gated_2H
+        h: r.hook if r.point.entry.arch == "sa_gsae" else f"{r.hook}/gated_2H"
+        for h, r in trained.items()
     }
+    hooks = sorted({r.hook for r in trained.values()})
     train_acts = {
-        r.hook: ActivationCache.open(runs.activations_dir(cfg.out_dir, MODEL, "train") / r.hook)
-        for r in trained
+        hook: ActivationCache.open(runs.activations_dir(cfg.out_dir, MODEL, "train") / hook)
+        for hook in hooks
     }
-    export(cfg.out_dir, OUT, RELEASE, train_acts, ids=ids, weights_dtype="float16", repo_id=".")
+    names = {name: ids[rec["config_hash"]] for name, rec in runs.trained_runs(cfg.out_dir).items()}
+    export(cfg.out_dir, OUT, RELEASE, train_acts, ids=names, weights_dtype="float16")
     _register_shipped()
     # the cards: metrics of the shipped (fp16) weights, loaded the way a user loads them
     register_releases(PACKAGE / "releases.yaml", replace=True)
-    test = sweep("test")
     tokens = runs.Source(test.data, {MODEL: model}).tokens(model, "test")
-    test_acts = {
-        r.hook: ActivationCache.open(runs.activations_dir(cfg.out_dir, MODEL, "test") / r.hook)
-        .load()
-        .float()
-        for r in trained
+    held = runs.held_out_split(test, MODEL, model, tokens, hooks)
+    check = check_held_out(model, hooks)
+    validation = {
+        row["config_hash"]: row
+        for row in runs.read_results(Path(cfg.out_dir) / runs.RESULTS_JSON)
+        if runs.row_split(row) == "validation"
     }
-    held = HeldOut(model, tokens, test_acts, ce_rows=test.data.ce_tokens // tokens.shape[1])
-    check = check_held_out(model, sorted(test_acts))
-    rows = {r["config_hash"]: r for r in runs.read_results(Path(cfg.out_dir) / runs.RESULTS_JSON)}
-    for name, r in names.items():
-        sae = load_pretrained(RELEASE, ids[name])
+    for config_hash, r in trained.items():
+        sae = load_pretrained(RELEASE, ids[config_hash])
         card = {
             "release": RELEASE,
-            "sae_id": ids[name],
+            "sae_id": ids[config_hash],
             "architecture": sae.cfg.architecture(),
             "hook": r.hook,
             "d_in": sae.cfg.d_in,
@@ -135,20 +133,20 @@ def build() -> None:
                 "sparsity_coefficient": COEFFICIENT,
                 "train": asdict(r.train),
                 "data": f"{MODEL}, Shakespeare training plays (sign_sae.corpus)",
-                "validation": {k: rows[r.config_hash][k] for k in ("r2", "l0")}
-                if r.config_hash in rows
-                else None,
+                "validation": {k: validation[config_hash][k] for k in ("r2", "l0")},
             },
             "held_out": {"split": "test", **held.evaluate(sae, r.hook).to_dict()},
             "check": {
                 "split": "test",
                 "rows": CHECK_ROWS,
                 "context": CHECK_CONTEXT,
-                **check_metrics(sae, model, check),
+                **check_metrics(sae, check),
             },
         }
-        (OUT / ids[name] / "card.json").write_text(json.dumps(card, indent=1, default=str))
-        log.info("%s: %s", ids[name], card["held_out"])
+        path = OUT / ids[config_hash] / CARD_FILE
+        atomic_write_text(path, json.dumps(card, indent=1, default=str) + "\n")
+        log.info("%s: R^2 %.4f, L0 %.2f", ids[config_hash], card["held_out"]["r2"],
+                 card["held_out"]["l0"])  # fmt: skip
 
 
 def _register_shipped() -> None:
@@ -158,10 +156,9 @@ def _register_shipped() -> None:
     entry = yaml.safe_load((OUT / "release.yaml").read_text())[RELEASE]
     entry["repo_id"] = f"./{OUT.relative_to(PACKAGE).as_posix()}"
     body = yaml.safe_dump({RELEASE: entry}, sort_keys=False)
-    path.write_text("\n".join(header) + "\n" + body)
+    atomic_write_text(path, "\n".join(header) + "\n" + body)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_grad_enabled(True)
     build()
