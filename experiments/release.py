@@ -32,6 +32,7 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.evaluate import HeldOut, held_out
 from sign_sae.export import export
 from sign_sae.harvest import ActivationCache
+from sign_sae.markdown import markdown_table
 from sign_sae.models import load_model
 from sign_sae.releases import CARD_FILE, load_pretrained, register_releases
 from sign_sae.storage import atomic_write_text
@@ -82,14 +83,14 @@ def check_held_out(model: Any, hooks: list[str]) -> HeldOut:
 
 
 def _commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "sign_sae", "experiments"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+    """The commit that builds the release ("-dirty" when the code differs from it)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "sign_sae", "experiments")
+    return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
 
 
 def build() -> None:
-    cfg, test = sweep(), sweep("test")
+    commit, cfg, test = _commit(), sweep(), sweep("test")
     runs.run_sweep(cfg)  # harvest (or reuse), train, evaluate on validation
     runs.evaluate_runs(test)
     model = load_model(MODEL)
@@ -116,6 +117,7 @@ def build() -> None:
         for row in runs.read_results(Path(cfg.out_dir) / runs.RESULTS_JSON)
         if runs.row_split(row) == "validation"
     }
+    cards = []
     for config_hash, r in trained.items():
         sae = load_pretrained(RELEASE, ids[config_hash])
         card = {
@@ -125,7 +127,7 @@ def build() -> None:
             "hook": r.hook,
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
-            "commit": _commit(),
+            "commit": commit,
             "rebuild": "OMP_WAIT_POLICY=PASSIVE python -m experiments.release",
             "recipe": {
                 "label": r.point.entry.label,
@@ -145,8 +147,29 @@ def build() -> None:
         }
         path = OUT / ids[config_hash] / CARD_FILE
         atomic_write_text(path, json.dumps(card, indent=1, default=str) + "\n")
+        cards.append(card)
         log.info("%s: R^2 %.4f, L0 %.2f", ids[config_hash], card["held_out"]["r2"],
                  card["held_out"]["l0"])  # fmt: skip
+    _add_cards_to_readme(cards)
+
+
+def _add_cards_to_readme(cards: list[dict[str, Any]]) -> None:
+    """The README's card section: held-out metrics of every entry, the recipe, the rebuild."""
+    rows = [
+        [c["sae_id"], c["architecture"], c["d_sae"]]
+        + [round(c["held_out"][k], 4) for k in ("r2", "l0", "dead_fraction", "ce_loss_recovered")]
+        for c in cards
+    ]
+    table = markdown_table(["sae_id", "arch", "d_sae", "R^2", "L0", "dead", "CE rec."], rows)
+    text = (OUT / "README.md").read_text() + (
+        f"\n## Card\n\nHeld-out metrics of the shipped (fp16) weights on the test plays "
+        f"({cards[0]['held_out']['n_tokens']:,} tokens; L0 and dead count f != 0, "
+        f"docs/metrics.md):\n\n{table}\n\nRecipe: the fair benchmark's CPU recipe at its "
+        f"validation winners, sparsity coefficient {COEFFICIENT:g}, H = {H}; built at commit "
+        f"{cards[0]['commit']}; each SAE's `{CARD_FILE}` has the details. Rebuild: "
+        f"`{cards[0]['rebuild']}`.\n"
+    )
+    atomic_write_text(OUT / "README.md", text)
 
 
 def _register_shipped() -> None:
