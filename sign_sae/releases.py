@@ -401,5 +401,5 @@ def install() -> None:
     NAMED_PRETRAINED_SAE_LOADERS[LOADER] = load_release_sae
     NAMED_PRETRAINED_SAE_CONFIG_GETTERS[LOADER] = load_release_cfg
     for lookup in _read_release_file(Path(str(files("sign_sae").joinpath(SHIPPED)))):
-        _REGISTERED[lookup.release] = lookup
+        _register(lookup, replace=True)  # the same entry again keeps the registered object
     _sync()
