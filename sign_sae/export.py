@@ -470,8 +470,8 @@ def _readme(release: str, saes: list[SAE], ids: list[str], entry: dict[str, Any]
         "import sign_sae  # registers the architecture and the loader",
         "from sae_lens import SAE",
         "",
-        f"sign_sae.releases.register_releases('{RELEASE_FILE}')  # or the hub entry",
-        f"sae = SAE.from_pretrained('{release}', '{ids[0]}')",
+        f'sign_sae.releases.register_releases("{RELEASE_FILE}")  # or the hub entry',
+        f'sae = SAE.from_pretrained("{release}", "{ids[0]}")',
         "```",
         "",
     ]
