@@ -5,7 +5,7 @@ per run, the polarity census over the held-out activations (``polarity_columns``
 standalone SVG files of R^2 and dead fraction against L0 drawn with ``analyses.report.plots``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from analyses.concentration import top_latents
 from analyses.frontier import CellReport, Curve
 from analyses.polarity import census_from_activations
 from analyses.report import plots
-from sign_sae.runs import Row, Source, SweepConfig, run_sweep
+from sign_sae.runs import Inputs, Row, SweepConfig, run_sweep
 from sign_sae.storage import atomic_write_text
 
 _ROWS = 4096
@@ -30,13 +30,15 @@ _LEGEND_ROW = 16
 _XPAD = 1.25  # log-axis margin, so that end points do not sit on the frame
 
 
-def polarity_columns(sae: Any, acts: torch.Tensor) -> dict[str, float]:
-    """Census columns of one SAE on held-out activations ``[tokens, d_in]``: bipolar fraction of
+def polarity_columns(sae: Any, acts: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Census columns of one SAE on held-out activations (pieces ``[rows, d_in]``, as the run
+    system streams them, or one tensor): bipolar fraction of
     alive latents at balance >= ``sign_sae.metrics.BIPOLAR_BALANCE``, the same under the
     sign-flip null (seed 0), the top-1 and top-10 shares of minority-sign mass and the minority
     fraction of all mass. For a non-negative SAE the bipolar fraction is 0 and the shares are NaN
     (no minority mass)."""
-    census = census_from_activations(sae, acts.split(_ROWS))
+    pieces = acts.split(_ROWS) if isinstance(acts, torch.Tensor) else acts
+    census = census_from_activations(sae, pieces)
     conc = top_latents(census, (1, 10))
     return {
         "census_bipolar_fraction": census.bipolar_fraction(),
@@ -47,9 +49,9 @@ def polarity_columns(sae: Any, acts: torch.Tensor) -> dict[str, float]:
     }
 
 
-def run(cfg: SweepConfig, source: Source | None = None, progress: bool = True) -> list[Row]:
+def run(cfg: SweepConfig, inputs: Inputs | None = None, progress: bool = True) -> list[Row]:
     """``sign_sae.runs.run_sweep`` with the polarity columns."""
-    return run_sweep(cfg, columns=polarity_columns, source=source, progress=progress)
+    return run_sweep(cfg, columns=polarity_columns, inputs=inputs, progress=progress)
 
 
 def write_plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:

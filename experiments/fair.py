@@ -194,6 +194,8 @@ def data_config(budget: Budget, split: str = "validation") -> runs.DataConfig:
         forward_dtype="bfloat16",
         harvest_batch_size=budget.harvest_batch_size,
         device=budget.device,
+        epochs=2,  # the GPU budget's 320 x 4096 rows are a little over one pass
+        cache=True,
     )
 
 
@@ -323,7 +325,7 @@ def stage_harvest(budget: str) -> None:
     """One harvest per split at every hook (the later stages reuse it)."""
     cfg = sweep(budget, tuning_grid())
     model = load_model("smollm2-135m", device=cfg.data.device)
-    source = runs.Source(cfg.data, {"smollm2-135m": model})
+    source = runs.Inputs(cfg.data, {"smollm2-135m": model})
     names = [runs.resolve_hook(model, h, cfg.data.layer) for h in cfg.data.hooks]
     for split in ("train", "validation", "test"):
         start = time.perf_counter()

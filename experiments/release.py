@@ -109,7 +109,7 @@ def build() -> None:
     _register_shipped()
     # the cards: metrics of the shipped (fp16) weights, loaded the way a user loads them
     register_releases(PACKAGE / "releases.yaml", replace=True)
-    tokens = runs.Source(test.data, {MODEL: model}).tokens(model, "test")
+    tokens = runs.Inputs(test.data, {MODEL: model}).tokens(model, "test")
     held = runs.held_out_split(test, MODEL, model, tokens, hooks)
     check = check_held_out(model, hooks)
     validation = {

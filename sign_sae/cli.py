@@ -59,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg.out_dir = args.out
     name = cfg.data.models[0].name
     model = load_model(name, device=cfg.data.device)
-    rows = run(cfg, runs.Source(cfg.data, {name: model}), progress=_progress())
+    rows = run(cfg, runs.Inputs(cfg.data, {name: model}), progress=_progress())
     print(f"\nHeld-out metrics ({name}, {rows[0]['hook']}, {rows[0]['n_tokens']:,} tokens):\n")
     print(runs.format_table(rows))
     print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/runs/<model>/<hook>/<run>/sae")

@@ -19,9 +19,9 @@ f != 0 (docs/metrics.md).
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn import functional as F
@@ -62,28 +62,57 @@ class EvalResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sequences"}
 
 
+class Rows(Protocol):
+    """Held-out activations of one hook: ``n_tokens`` rows, read ``n_rows`` at a time in order
+    (``sign_sae.harvest.ActivationCache`` reads them from disk one piece at a time)."""
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def iter_rows(self, n_rows: int) -> Iterator[torch.Tensor]: ...
+
+
+class InMemoryRows:
+    """A ``[rows, d_in]`` tensor as ``Rows``."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    @property
+    def n_tokens(self) -> int:
+        return self.rows.shape[0]
+
+    def iter_rows(self, n_rows: int) -> Iterator[torch.Tensor]:
+        return iter(self.rows.split(n_rows))
+
+
 class HeldOut:
-    """Held-out tokens ``[n_seq, context]`` and their activations ``{hook: [n_seq * (context - 1),
-    d_in]}`` (BOS dropped); ``evaluate(sae)`` scores one SAE, reusing every SAE-free pass."""
+    """Held-out tokens ``[n_seq, context]`` and their activations at each hook, one row per
+    token without BOS (a tensor ``[n_seq * (context - 1), d_in]`` or ``Rows`` read piece by
+    piece, so a large held-out split is never loaded whole); ``evaluate(sae)`` scores one SAE,
+    reusing every SAE-free pass."""
 
     def __init__(
         self,
         model: Any,
         tokens: torch.Tensor,
-        acts: Mapping[str, torch.Tensor],
+        acts: Mapping[str, torch.Tensor | Rows],
         ce_rows: int | None = None,
         batch_size: int = 8,
         max_cache_bytes: int = 2**30,
     ) -> None:
         n_seq, context = tokens.shape
-        for hook, a in acts.items():
+        self.acts = {
+            h: InMemoryRows(a) if isinstance(a, torch.Tensor) else a for h, a in acts.items()
+        }
+        for hook, a in self.acts.items():
             validate_hook(model, hook)
-            if a.shape[0] != n_seq * (context - 1):
+            if a.n_tokens != n_seq * (context - 1):
                 raise SignSAEError(
-                    f"{hook}: {a.shape[0]} activation rows for {n_seq} x {context} tokens; "
+                    f"{hook}: {a.n_tokens} activation rows for {n_seq} x {context} tokens; "
                     "expected one per token without BOS."
                 )
-        self.model, self.acts, self.batch_size = model, dict(acts), batch_size
+        self.model, self.batch_size = model, batch_size
         self.tokens = tokens[: n_seq if ce_rows is None else min(ce_rows, n_seq)]
         self.layers = {h: _layer(model, h) for h in self.acts}
         n_pred = self.tokens.shape[0] * (context - 2)
@@ -104,7 +133,7 @@ class HeldOut:
             raise SignSAEError(f"No held-out activations at {hook!r}; have {sorted(self.acts)}.")
         latents, parts = LatentStats(sae.cfg.d_sae), []
         per_seq = self.tokens.shape[1] - 1  # rows of one sequence (BOS dropped)
-        for x in self.acts[hook].split(per_seq * max(1, _ENCODE_ROWS // per_seq)):
+        for x in self.chunks(hook):
             x = x.to(sae.device, sae.dtype)
             feats = sae.encode(x)
             x_hat = sae.decode(feats)
@@ -140,6 +169,11 @@ class HeldOut:
             kl_with_sae=kl / n,
             sequences=sequences,
         )
+
+    def chunks(self, hook: str) -> Iterator[torch.Tensor]:
+        """The held-out rows at ``hook`` in pieces of whole sequences, one piece in memory."""
+        per_seq = self.tokens.shape[1] - 1
+        return self.acts[hook].iter_rows(per_seq * max(1, _ENCODE_ROWS // per_seq))
 
     def _batches(self) -> list[torch.Tensor]:
         return list(self.tokens.to(self.model.cfg.device).split(self.batch_size))

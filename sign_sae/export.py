@@ -32,6 +32,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from sign_sae import ARCHITECTURE, SAGSAE, SAGSAETrainingSAE, SAGSAETrainingSAEConfig
+from sign_sae.corpus import HELD_OUT
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import DTYPES, ActivationCache, InvalidCacheError
 from sign_sae.markdown import markdown_table
@@ -309,16 +310,17 @@ def export_run(
     """``sign-sae export RUN_DIR OUT_DIR``: every trained SAE of a run as release
     ``release_name`` in ``out_dir`` (see ``export``); returns the path of ``release.yaml``.
 
-    Firing frequencies come from the run's cached activations (its training harvest) when its
-    SAEs read one model's one hook and the harvest is there; otherwise ``sparsity.safetensors``
-    is omitted.
+    Firing frequencies come from the run's cached held-out activations (its validation harvest,
+    else its test harvest; training is streamed, so none is kept of it) when its SAEs read one
+    model's one hook and such a harvest is there; otherwise ``sparsity.safetensors`` is omitted.
     """
     run_dir = Path(run_dir)
     reads = {(_model(folder), _hook(folder)) for _, folder, _ in _sources(run_dir)}
     folder = None
     if len(reads) == 1:
         model, hook = reads.pop()
-        folder = activations_dir(run_dir, model, "train") / hook
+        splits = [activations_dir(run_dir, model, s) / hook for s in HELD_OUT]
+        folder = next((f for f in splits if f.is_dir()), None)
     activations = None
     if folder is not None and folder.is_dir():
         try:

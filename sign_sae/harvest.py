@@ -133,6 +133,33 @@ class ActivationCache:
         for start in range(0, stop, batch_size):
             yield data[order[start : start + batch_size]].float()
 
+    def iter_rows(self, n_rows: int) -> Iterator[torch.Tensor]:
+        """The rows in order, ``n_rows`` at a time (the last piece may be shorter), float32:
+        one piece in memory at a time, read as a slice of its shard(s), checked for NaN/Inf."""
+        shards = self._metadata["shards"]
+        start = 0
+        while start < self.n_tokens:
+            stop, pieces, offset = min(start + n_rows, self.n_tokens), [], 0
+            for shard in shards:
+                lo, hi = max(start, offset), min(stop, offset + shard["n_tokens"])
+                if lo < hi:
+                    path = self.path / shard["file"]
+                    try:
+                        with safe_open(path, framework="pt") as f:
+                            pieces.append(f.get_slice(_TENSOR_KEY)[lo - offset : hi - offset])
+                    except (SafetensorError, OSError) as e:
+                        raise InvalidCacheError(
+                            f"Shard {path} is unreadable ({e}); {_REBUILD}."
+                        ) from e
+                offset += shard["n_tokens"]
+            rows = torch.cat(pieces).float()
+            if not bool(torch.isfinite(rows).all()):
+                raise SignSAEError(
+                    f"Non-finite values (NaN/Inf) in {self.path}. Delete it and harvest again."
+                )
+            yield rows
+            start = stop
+
     def _stored(self) -> torch.Tensor:
         """All shards concatenated, in the storage dtype, checked for NaN and Inf."""
         return torch.cat([self._read_shard(p) for p in self.shard_paths])

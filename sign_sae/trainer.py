@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -81,6 +82,7 @@ class TrainConfig:
     normalize: bool = True  # scale inputs to E||x||^2 = d_in; folded back at the end
     dead_window_tokens: int = 1_000_000  # tokens without firing that make a latent dead (TopK aux)
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    scaling_batches: int = 8  # streamed batches the input scaling is estimated from
     skip_nonfinite: bool = False  # drop rows with NaN/Inf (logged) instead of stopping
     log_every: int = 50  # steps between history rows
     seed: int = 0
@@ -99,7 +101,7 @@ class TrainConfig:
                 f"train.autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)}, "
                 f"got {self.autocast_dtype!r}."
             )
-        for name in ("total_steps", "batch_size", "lr"):
+        for name in ("total_steps", "batch_size", "lr", "scaling_batches"):
             if not getattr(self, name) > 0:
                 raise SignSAEError(f"{name} must be positive, got {getattr(self, name)}.")
         bad = {k: v for k, v in self.lr_scales.items() if not v > 0}
@@ -309,39 +311,73 @@ class Trainer:
     def run(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
         """Train to ``cfg.total_steps`` (or pause at ``stop_at``: checkpoint written, scaling
         NOT folded, so a later ``run(resume=True)`` continues) and fold the scaling in."""
-        cfg, sae = self.cfg, self.sae
-        resumed = self.resume() if resume and self.ckpt_root else False
-        if not resumed and cfg.normalize:
-            self.scale = estimate_scaling_factor(self.data, sae.cfg.d_in)
-        world = distributed.get_world()
-        data = _local_share(self.data, world) if world > 1 else self.data
-        if world > 1:
-            _start_together(sae, self.step)
-        t0 = time.perf_counter()
-        sae.train()
-        end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+        self.start(resume)
+        end = self.cfg.total_steps if stop_at is None else min(stop_at, self.cfg.total_steps)
         bar = tqdm(
             range(self.step, end),
             disable=not self.progress or not distributed.is_main(),
             desc="train",
             leave=False,
         )
-        for step in bar:
-            row = self._step(step, data.batch(step))
+        for _ in bar:
+            row = self.advance()
             if row is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
-            if self.ckpt_root and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint(self.wall_before + time.perf_counter() - t0)
-        self.wall_before += time.perf_counter() - t0
+        return self.finish()
+
+    def start(self, resume: bool = False) -> None:
+        """Resume from the newest checkpoint (with ``resume``) or estimate the input scaling,
+        and give every rank the same weights; ``advance`` then takes the steps."""
+        cfg, sae = self.cfg, self.sae
+        resumed = self.resume() if resume and self.ckpt_root else False
+        world = distributed.get_world()
+        if not resumed and cfg.normalize:
+            scale = estimate_scaling_factor(self.data, sae.cfg.d_in, cfg.scaling_batches)
+            # ranks that stream their own shares estimate apart: every rank takes the mean
+            self.scale = (
+                distributed.all_reduce_sum(torch.tensor([scale], dtype=torch.float64)).item()
+                / world
+            )
+        self.local = _local_share(self.data, world) if world > 1 else self.data
+        if world > 1:
+            _start_together(sae, self.step)
+        sae.train()
+        self._t0 = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.total_steps
+
+    def advance(self) -> dict[str, float] | None:
+        """One step on this step's batch, and the checkpoint when one is due; returns the log
+        row when one is due."""
+        row = self._step(self.step, self.local.batch(self.step))
+        if (
+            self.ckpt_root
+            and self.cfg.checkpoint_every
+            and self.step % self.cfg.checkpoint_every == 0
+        ):
+            self.save_checkpoint(self._wall())
+        return row
+
+    def finish(self) -> TrainResult:
+        """Write the last checkpoint; once at ``total_steps``, fold the input scaling in and
+        check the weights are finite."""
+        self.wall_before, self._t0 = self._wall(), time.perf_counter()
         if self.ckpt_root is not None:
             self.save_checkpoint(self.wall_before)
             distributed.barrier()  # on every rank, the checkpoint exists once run() returns
-        if end == cfg.total_steps:
-            sae.eval()
+        if self.done:
+            self.sae.eval()
             if self.scale != 1.0:
-                sae.fold_activation_norm_scaling_factor(self.scale)
-            check_finite(dict(sae.named_parameters()), f"the SAE trained for {end} steps")
-        return TrainResult(end, self.wall_before, self.scale, self.history)
+                self.sae.fold_activation_norm_scaling_factor(self.scale)
+            check_finite(
+                dict(self.sae.named_parameters()), f"the SAE trained for {self.step} steps"
+            )
+        return TrainResult(self.step, self.wall_before, self.scale, self.history)
+
+    def _wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self._t0
 
     def _step(self, step: int, batch: torch.Tensor) -> dict[str, float] | None:
         """One optimiser step on ``batch``; returns the log row when one is due."""
@@ -489,6 +525,46 @@ def train(
     the same (global) ``data``, which must have a ``shard(rank, world)`` method like
     ``TensorBatches``; a checkpoint resumes with any number of ranks."""
     return Trainer(sae, data, cfg, run_dir, progress).run(resume, stop_at)
+
+
+def train_together(
+    trainers: Sequence[Trainer], resume: bool = True, progress: bool = True
+) -> list[TrainResult | Exception]:
+    """Train every trainer to its own ``total_steps``, all in step: step k of each before step
+    k + 1 of any, so SAEs that read one stream (``sign_sae.stream``) share each batch, computed
+    once. Each resumes from its own checkpoint. A trainer whose step fails (a non-finite loss or
+    batch) ends there with its error in its place of the result; the others train on."""
+    results: list[TrainResult | Exception | None] = [None] * len(trainers)
+    for t in trainers:
+        t.start(resume)
+    live = [i for i, t in enumerate(trainers) if not t.done]
+    first = min((trainers[i].step for i in live), default=0)
+    last = max((t.cfg.total_steps for t in trainers), default=0)
+    bar = tqdm(
+        range(first, last),
+        disable=not progress or not distributed.is_main(),
+        desc=f"train {len(trainers)} SAE(s)",
+        leave=False,
+    )
+    for step in bar:
+        for i in list(live):
+            t = trainers[i]
+            if t.step != step:
+                continue  # resumed further than the others: it waits for them
+            try:
+                t.advance()
+            except (SignSAEError, FloatingPointError) as e:
+                log.error("SAE %d of %d stopped at step %d: %s", i + 1, len(trainers), step, e)
+                results[i] = e
+                live.remove(i)
+                continue
+            if t.done:
+                results[i] = t.finish()
+                live.remove(i)
+    for i, t in enumerate(trainers):
+        if results[i] is None:
+            results[i] = t.finish()
+    return results  # type: ignore[return-value]
 
 
 def _param_groups(sae: TrainingSAE, patterns: dict[str, float]) -> list[dict[str, Any]]:

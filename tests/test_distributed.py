@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformerConfig
 
 from sign_sae import distributed
 from sign_sae.architectures import make_training_sae
-from sign_sae.runs import Source, SweepConfig, run_sweep, train_runs, trained_runs
+from sign_sae.runs import Inputs, SweepConfig, run_sweep, train_runs, trained_runs
 from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 D_IN, WIDTH, STEPS, PAUSE = 16, 48, 24, 11
@@ -55,7 +55,7 @@ def _train(name: str, **kw) -> tuple[dict[str, torch.Tensor], list[dict], list[i
     return sae.state_dict(), res.history, resets
 
 
-class _Tiny(Source):
+class _Tiny(Inputs):
     """A random 2-layer model and random token rows."""
 
     def model(self, name: str) -> HookedSAETransformer:
@@ -96,7 +96,7 @@ def _tiny_sweep(out: Path) -> SweepConfig:
 def _sweep(out: Path) -> list[dict]:
     """The tiny sweep, its runs shared out over the ranks."""
     cfg = _tiny_sweep(out)
-    return run_sweep(cfg, source=_Tiny(cfg.data), progress=False)
+    return run_sweep(cfg, inputs=_Tiny(cfg.data), progress=False)
 
 
 def _train_runs(out: Path) -> None:

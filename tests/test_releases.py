@@ -29,7 +29,7 @@ from sign_sae.export import (
 )
 from sign_sae.harvest import ActivationCache
 from sign_sae.metrics import LatentStats
-from sign_sae.runs import Source, SweepConfig, activations_dir, run_sweep, trained_runs
+from sign_sae.runs import Inputs, SweepConfig, activations_dir, run_sweep, trained_runs
 
 D_IN, D_SAE = 8, 12
 HOOK = "blocks.0.hook_mlp_out"
@@ -171,12 +171,12 @@ def run_dir(tmp_path_factory):
         ],
     )
 
-    class Tiny(Source):
+    class Tiny(Inputs):
         def tokens(self, model, split):
             n = 16 if split == "train" else 4
             return torch.randint(0, 40, (n, 16), generator=torch.Generator().manual_seed(n))
 
-    run_sweep(run, source=Tiny(run.data, {"tiny-model": model}), progress=False)
+    run_sweep(run, inputs=Tiny(run.data, {"tiny-model": model}), progress=False)
     return out
 
 
@@ -201,7 +201,7 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
     assert trained.cfg.d_sae == D_SAE
     assert type(sae) is SAGSAE and torch.equal(sae.W_enc, trained.W_enc)
     assert cfg["metadata"]["context_size"] == 16 and cfg["metadata"]["model_name"] == "tiny-model"
-    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "train") / HOOK).load()
+    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "validation") / HOOK).load()
     with torch.no_grad():
         fired = (trained.encode(acts) != 0).double().mean(0)
     assert torch.allclose(sparsity, torch.log10(fired + 1e-10).float())

@@ -591,7 +591,7 @@ def tiny_model():
     return model.eval()
 
 
-class TinySource(runs.Source):
+class TinySource(runs.Inputs):
     def __init__(self, data: runs.DataConfig, model) -> None:
         super().__init__(data, {"tiny": model})
 
@@ -656,14 +656,14 @@ def test_two_sweeps_sharing_a_folder_keep_every_row_and_train_each_run_once(
     """The grid split over two files, one entry in both: every row is kept, and the shared run
     is trained by one process (the other waits for its lock and finds it trained)."""
     trained = tmp_path / "trained.log"
-    real = runs.train
+    real = runs.execute.train_together
 
-    def logged(sae, *args, **kwargs):
+    def logged(trainers, *args, **kwargs):
         with trained.open("a") as f:
-            f.write(f"{kwargs['run_dir'].name}\n")
-        return real(sae, *args, **kwargs)
+            f.write("".join(f"{t.ckpt_root.parent.name}\n" for t in trainers))
+        return real(trainers, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "train", logged)
+    monkeypatch.setattr(runs.execute, "train_together", logged)
     entries = {"a": "[0.5, 1.0]", "b": "[2.0]", "both": "[3.0]"}
 
     def sweep(labels: str) -> None:
@@ -679,7 +679,7 @@ def test_two_sweeps_sharing_a_folder_keep_every_row_and_train_each_run_once(
         cfg = load_sweep(path)
         while not go.exists():  # both start together, each with an empty table
             time.sleep(0.001)
-        runs.run_sweep(cfg, source=TinySource(cfg.data, tiny_model), progress=False)
+        runs.run_sweep(cfg, inputs=TinySource(cfg.data, tiny_model), progress=False)
 
     go = tmp_path / "go"
     in_children(lambda: sweep("both a"), lambda: sweep("both b"), go.touch)
@@ -736,8 +736,8 @@ def test_cli_eval_loads_through_the_checked_loader(tmp_path, tiny_model, capsys,
     cfg = load_sweep(path)
     cfg.out_dir = str(tmp_path / "out")
     (run,) = runs.train_runs(cfg, TinySource(cfg.data, tiny_model), progress=False)
-    monkeypatch.setattr(runs, "load_model", lambda name, device: tiny_model)
-    monkeypatch.setattr(runs.Source, "tokens", TinySource.tokens)
+    monkeypatch.setattr(runs.execute, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(runs.Inputs, "tokens", TinySource.tokens)
     flip(run.folder / "sae" / "sae_weights.safetensors")
     err = cli_error(["eval", str(path), "--out", cfg.out_dir], capsys)
     assert "sae_weights.safetensors does not match the sha256" in err
@@ -751,7 +751,7 @@ def test_cli_one_line_for_a_full_disk(tmp_path, capsys, monkeypatch):
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(runs, "atomic_write_text", full)
+    monkeypatch.setattr(runs.execute, "atomic_write_text", full)
     err = cli_error(["train", str(sweep_yaml(tmp_path / "s.yaml")), "--out", str(tmp_path)], capsys)
     assert f"no space left on the device writing {tmp_path / 'sweep.yaml'}" in err
 
@@ -771,7 +771,7 @@ def test_cli_one_line_for_an_offline_dataset(tmp_path, tiny_model, capsys, monke
     path.write_text(
         path.read_text().replace("ce_tokens: 32", "ce_tokens: 32, text: 'hf:sign-sae-tests/none'")
     )
-    monkeypatch.setattr(runs, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(runs.execute, "load_model", lambda name, device: tiny_model)
     err = cli_error(["train", str(path), "--out", str(tmp_path / "out")], capsys)
     assert "The dataset 'hf:sign-sae-tests/none' is not in the local cache" in err
 

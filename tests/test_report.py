@@ -17,7 +17,7 @@ from analyses.report import collect, page, render, render_sweep, write
 from analyses.report.circuits import BOOT_JS, bundle, csp_hash, script_json
 from analyses.report.layout import Card, Example, Match, Report, SAESection
 from analyses.steering import Dial, DialPoint
-from sign_sae.runs import Source, SweepConfig, run_sweep
+from sign_sae.runs import Inputs, SweepConfig, run_sweep
 
 HOSTILE = [
     "</script><img src=x onerror=alert(1)>",
@@ -220,7 +220,7 @@ def tiny_run(model, tmp_path_factory):
             {"label": "gated", "arch": "gated", "width": 2, "sparsity": [3.0]},
         ],
     )
-    run_sweep(cfg, source=Source(cfg.data, {"smollm2-135m": model}), progress=False)
+    run_sweep(cfg, inputs=Inputs(cfg.data, {"smollm2-135m": model}), progress=False)
     return cfg
 
 

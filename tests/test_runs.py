@@ -5,7 +5,6 @@ transformer, and end to end on SmolLM2."""
 
 import json
 import math
-import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from sign_sae import SAGSAE, cli, runs
 from sign_sae.architectures import make_training_sae
 from sign_sae.corpus import HELD_OUT, SPLITS
 from sign_sae.evaluate import evaluate
-from sign_sae.harvest import ActivationCache
+from sign_sae.storage import read_weights
 from sign_sae.trainer import TrainConfig
 
 CONTEXT = 16
@@ -54,7 +53,7 @@ def tiny():
     return m.eval()
 
 
-class TinySource(runs.Source):
+class TinySource(runs.Inputs):
     """The tiny model and random token rows; records which splits were asked for."""
 
     def __init__(self, data: runs.DataConfig, model) -> None:
@@ -103,18 +102,18 @@ def sweep(cfg, tiny, columns=None) -> list[dict]:
 
 
 def extra_columns(sae, acts):
-    return {"n_eval_rows": acts.shape[0], "nan_column": float("nan")}
+    return {"n_eval_rows": sum(a.shape[0] for a in acts), "nan_column": float("nan")}
 
 
 def count_training(monkeypatch) -> list[str]:
     calls = []
-    real = runs.train
+    real = runs.execute.train_together
 
-    def counted(sae, *args, **kwargs):
-        calls.append(kwargs["run_dir"].name)
-        return real(sae, *args, **kwargs)
+    def counted(trainers, *args, **kwargs):
+        calls.extend(t.ckpt_root.parent.name for t in trainers)
+        return real(trainers, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "train", counted)
+    monkeypatch.setattr(runs.execute, "train_together", counted)
     return calls
 
 
@@ -239,8 +238,8 @@ def test_cli_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys, monke
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded or activations harvested")
 
-    monkeypatch.setattr(runs, "load_model", no_model)
-    monkeypatch.setattr(runs, "harvest", no_model)
+    monkeypatch.setattr(runs.execute, "load_model", no_model)
+    monkeypatch.setattr(runs.execute, "harvest", no_model)
     bad = tiny_sweep(tmp_path).to_dict()
     bad["grid"][1]["options"] = {"l1_coefficent": 3}  # misspelt
     (tmp_path / "bad.yaml").write_text(json.dumps(bad))
@@ -257,6 +256,7 @@ def test_cli_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys, monke
 # ---- running --------------------------------------------------------------------------------
 def test_a_crashed_sweep_resumes_without_redoing_finished_runs(tmp_path, tiny, monkeypatch):
     cfg = tiny_sweep(tmp_path / "crash")
+    cfg.data.saes_at_once = 3  # groups of three, each evaluated once trained
     n_runs = len(runs.plan(cfg))
     seen = []
 
@@ -296,7 +296,7 @@ def test_the_test_split_adds_rows_without_training_and_keeps_per_sequence_sums(
     trained = count_training(monkeypatch)
     cfg.data.eval_split = "test"
     source = TinySource(cfg.data, tiny)
-    rows = runs.evaluate_runs(cfg, source=source)
+    rows = runs.evaluate_runs(cfg, inputs=source)
     assert trained == [] and source.splits == ["test"]  # evaluation only, on test tokens only
     assert len(rows) == 2 * len(validation)
     by_split = {s: {r["config_hash"]: r for r in rows if r["split"] == s} for s in HELD_OUT}
@@ -307,7 +307,7 @@ def test_the_test_split_adds_rows_without_training_and_keeps_per_sequence_sums(
             sums = runs.load_sequences(tmp_path / r["folder"], split)
             assert sums.r2() == pytest.approx(r["r2"], abs=1e-9)
             assert sums.l0() == pytest.approx(r["l0"], abs=1e-9)
-    again = runs.evaluate_runs(cfg, source=source)  # nothing left to do
+    again = runs.evaluate_runs(cfg, inputs=source)  # nothing left to do
     assert source.splits == ["test"] and [r["r2"] for r in again] == [r["r2"] for r in rows]
 
 
@@ -330,10 +330,12 @@ def test_results_table_has_every_column_in_json_and_csv(tmp_path, tiny):
     assert gated["d_sae"] == 32 and gated["width_factor"] == 2
     assert gated["name"] == "gated_2H_sp1_seed0"
     assert runs.load_sweep(tmp_path).to_dict() == cfg.to_dict()  # sweep.yaml: the config
-    # One harvest per model and split, every hook of the sweep in it.
-    for split in ("train", "validation"):
-        hooks = {p.name for p in runs.activations_dir(tmp_path, "tiny", split).iterdir()}
-        assert hooks == {"blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"}
+    # One held-out harvest per model, every hook of the sweep in it; training streamed, so
+    # nothing of the training split is on disk (data.cache is off).
+    hooks = {p.name for p in runs.activations_dir(tmp_path, "tiny", "validation").iterdir()}
+    assert hooks == {"blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"}
+    assert not (tmp_path / "activations" / "tiny" / "train").exists()
+    assert not (tmp_path / "activations" / "tiny" / "stream").exists()
     # Trained SAEs stay, their checkpoints go; train.json records the run.
     folder = tmp_path / gated["folder"]
     assert folder.parent == tmp_path / "runs" / "tiny" / "mlp_out"
@@ -368,9 +370,9 @@ def test_train_then_eval_reads_only_the_validation_split_and_gives_the_sweep(
     assert not (tmp_path / "split" / "results.json").exists()
     assert runs.train_runs(cfg, source, progress=False) and source.splits == ["train"]  # done
 
-    shutil.rmtree(runs.activations_dir(cfg.out_dir, "tiny", "train"))
+    assert not (Path(cfg.out_dir) / "activations").exists()  # training streamed, nothing kept
     source.splits.clear()
-    rows = runs.evaluate_runs(runs.load_sweep(tmp_path / "split"), source=source)
+    rows = runs.evaluate_runs(runs.load_sweep(tmp_path / "split"), inputs=source)
     assert source.splits == ["validation"]
     assert not runs.activations_dir(cfg.out_dir, "tiny", "train").exists()
     assert [r["config_hash"] for r in rows] == [r.config_hash for r in trained]
@@ -382,7 +384,7 @@ def test_train_then_eval_reads_only_the_validation_split_and_gives_the_sweep(
 
 
 def test_train_and_eval_commands_run_a_sweep_file(tmp_path, tiny, monkeypatch, capsys):
-    monkeypatch.setattr(runs, "Source", lambda data: TinySource(data, tiny))
+    monkeypatch.setattr(runs.execute, "Inputs", lambda data: TinySource(data, tiny))
     cfg = tiny_sweep(tmp_path / "out", grid=[{"label": "g", "arch": "gated", "sparsity": [1.0]}])
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(cfg.to_dict()))
@@ -397,7 +399,7 @@ def test_train_and_eval_commands_run_a_sweep_file(tmp_path, tiny, monkeypatch, c
 
 
 def test_sweep_command_runs_a_sweep_file(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(runs, "Source", lambda data: TinySource(data, tiny))
+    monkeypatch.setattr(runs.execute, "Inputs", lambda data: TinySource(data, tiny))
     cfg = tiny_sweep(tmp_path / "out", grid=[{"label": "g", "arch": "gated", "sparsity": [1.0]}])
     path = tmp_path / "sweep.yaml"
     path.write_text(json.dumps(cfg.to_dict()))
@@ -506,6 +508,9 @@ def smollm_run(model, tmp_path_factory):
             "train_tokens": 64 * 96,
             "eval_tokens": 64 * 4,
             "ce_tokens": 64 * 4,
+            "epochs": 6,  # 60 x 512 rows of 6,048 per epoch
+            "cache": True,  # epochs 2-6 read the disk
+            "buffer_tokens": 2048,
         },
         h_expansion=0.5,
         train={"total_steps": 60, "batch_size": 512, "lr": 2e-3, "log_every": 20},
@@ -514,18 +519,24 @@ def smollm_run(model, tmp_path_factory):
             {"label": "gated", "arch": "gated", "width": 2, "sparsity": [3.0]},
         ],
     )
-    source = runs.Source(cfg.data, {"smollm2-135m": model})
-    rows = runs.run_sweep(cfg, source=source, progress=False)
+    source = runs.Inputs(cfg.data, {"smollm2-135m": model})
+    rows = runs.run_sweep(cfg, inputs=source, progress=False)
     return cfg, rows, source.tokens(model, "validation")
 
 
 def test_real_model_sweep_trains_saves_reloads_and_evaluates(smollm_run):
     cfg, rows, _ = smollm_run
     out = cfg.out_dir
-    train = runs.activations_dir(out, "smollm2-135m", "train") / "blocks.15.hook_mlp_out"
-    acts = ActivationCache.open(train)
-    assert acts.n_tokens == 96 * 63 and acts.d_in == 576  # BOS positions are not harvested
+    # The stream's cache: 3 chunks of 32 sequences (data.buffer_tokens 2048 // 63 rows), BOS
+    # positions left out; over 6 epochs the model ran once per chunk.
+    (cache,) = runs.activations_dir(out, "smollm2-135m", "stream").iterdir()
+    shards = sorted((cache / "blocks.15.hook_mlp_out").glob("chunk_*.safetensors"))
+    sizes = [tuple(read_weights(p)["blocks.15.hook_mlp_out"].shape) for p in shards]
+    assert sizes == [(32 * 63, 576)] * 3
     by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        stream = json.loads((Path(out) / r["folder"] / "train.json").read_text())["stream"]
+        assert stream["forwards"] == 3 and stream["rank_tokens_per_epoch"] == 96 * 63
     assert type(SAE.load_from_disk(f"{out}/{by_label['sa']['folder']}/sae")) is SAGSAE
     assert type(SAE.load_from_disk(f"{out}/{by_label['gated']['folder']}/sae")) is GatedSAE
     for r in rows:
