@@ -1,7 +1,6 @@
 """Data-parallel training on torch.distributed: 2 gloo processes give the 1-process weights."""
 
 import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformer_lens import HookedTransformerConfig
 from sign_sae import distributed
 from sign_sae.architectures import make_training_sae
 from sign_sae.runs import Inputs, SweepConfig, run_sweep, train_runs, trained_runs
+from sign_sae.runs.execute import training_stream
 from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 D_IN, WIDTH, STEPS, PAUSE = 16, 48, 24, 11
@@ -74,7 +74,7 @@ class _Tiny(Inputs):
 
 
 def _tiny_sweep(out: Path) -> SweepConfig:
-    """Three runs (an odd number, so the last round leaves a rank idle)."""
+    """Three runs from one stream: 4 chunks of 16 sequences (2 per rank under 2 ranks)."""
     return SweepConfig(
         out_dir=str(out),
         data={
@@ -84,6 +84,8 @@ def _tiny_sweep(out: Path) -> SweepConfig:
             "train_tokens": 16 * 64,
             "eval_tokens": 16 * 8,
             "ce_tokens": 16 * 4,
+            "buffer_tokens": 240,
+            "epochs": 2,
         },
         train={"total_steps": 10, "batch_size": 128},
         grid=[
@@ -94,15 +96,19 @@ def _tiny_sweep(out: Path) -> SweepConfig:
 
 
 def _sweep(out: Path) -> list[dict]:
-    """The tiny sweep, its runs shared out over the ranks."""
+    """The tiny sweep, data-parallel: each rank streams its own share of the text."""
     cfg = _tiny_sweep(out)
     return run_sweep(cfg, inputs=_Tiny(cfg.data), progress=False)
 
 
-def _train_runs(out: Path) -> None:
-    """The tiny sweep's runs trained one after another, each by every rank (``sign-sae train``)."""
+def _train_runs(out: Path) -> list[int]:
+    """``sign-sae train`` of the tiny sweep; returns the training sequences this rank streams."""
     cfg = _tiny_sweep(out)
-    train_runs(cfg, _Tiny(cfg.data), progress=False)
+    inputs = _Tiny(cfg.data)
+    every = train_runs(cfg, inputs, progress=False)
+    model = inputs.model("tiny")
+    stream = training_stream(cfg, "tiny", model, inputs.tokens(model, "train"), every)
+    return sorted(int(i) for c in stream.mine for i in stream.chunks[c])
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -132,7 +138,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         tensors["table"] = torch.tensor(table)
         rows = _sweep(out / "sweep_by_2")
         (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
-        _train_runs(out / "train_by_2")
+        seen = _train_runs(out / "train_by_2")
+        (out / f"sequences_{rank}.json").write_text(json.dumps(seen))
         if distributed.is_main():
             save_file(tensors, out / "ranks.safetensors")
 
@@ -188,7 +195,13 @@ def test_checkpoints_resume_with_another_number_of_ranks(runs):
         torch.testing.assert_close(ranks[f"resumed_by_2/{key}"], value, atol=1e-5, rtol=1e-5)
 
 
-def test_two_rank_sweep_gives_the_one_rank_table(runs):
+# Two ranks stream disjoint halves of the text, so a global batch holds other rows than one
+# process's (the same distribution): the trained SAEs agree in their held-out metrics to these
+# tolerances, not weight for weight.
+R2_TOLERANCE, L0_TOLERANCE = 0.05, 0.25  # absolute R^2; L0 relative
+
+
+def test_two_rank_sweep_matches_the_one_rank_table(runs):
     _, _, tmp = runs
     timing = {"train_s", "eval_s", "wall_s", "finished"}
 
@@ -204,10 +217,11 @@ def test_two_rank_sweep_gives_the_one_rank_table(runs):
     assert len(one) == 3 and [r["config_hash"] for r in two] == [r["config_hash"] for r in one]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
+        assert abs(a["r2"] - b["r2"]) < R2_TOLERANCE and a["r2"] > 0.2
+        assert b["l0"] == pytest.approx(a["l0"], rel=L0_TOLERANCE)
+        assert b["r2"] != a["r2"]  # other rows: not the same run
         for key, value in a.items():
-            if isinstance(value, float) and math.isfinite(value):
-                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-            else:
+            if not isinstance(value, float):
                 assert b[key] == value, key
     # every rank returns the whole table
     for rank in range(2):
@@ -215,7 +229,7 @@ def test_two_rank_sweep_gives_the_one_rank_table(runs):
         assert [r["config_hash"] for r in rows] == [r["config_hash"] for r in one]
 
 
-def test_two_ranks_train_each_run_of_a_sweep_file_to_the_one_process_weights(runs):
+def test_two_ranks_train_every_run_of_a_sweep_file_from_disjoint_shares(runs):
     _, _, tmp = runs
     one, two = trained_runs(tmp / "train_by_1"), trained_runs(tmp / "train_by_2")
     assert list(one) == list(two) == ["sa_sp1_seed0", "sa_sp3_seed0", "gated_sp1_seed0"]
@@ -223,10 +237,13 @@ def test_two_ranks_train_each_run_of_a_sweep_file_to_the_one_process_weights(run
         assert two[name]["folder"] == record["folder"]  # the same config hash
         a = load_file(tmp / "train_by_1" / record["folder"] / "sae" / "sae_weights.safetensors")
         b = load_file(tmp / "train_by_2" / record["folder"] / "sae" / "sae_weights.safetensors")
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            torch.testing.assert_close(b[key], value, atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
+        assert a.keys() == b.keys() and not torch.equal(a["W_dec"], b["W_dec"])
         assert not (tmp / "train_by_2" / record["folder"] / "checkpoint").exists()
+        info = json.loads((tmp / "train_by_2" / record["folder"] / "train.json").read_text())
+        assert info["stream"]["world"] == 2
+    # each rank streamed its own half of the 64 training sequences, and no rank held the other's
+    halves = [set(json.loads((tmp / f"sequences_{r}.json").read_text())) for r in range(2)]
+    assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == 32
 
 
 def test_shard_and_gather_rows(runs):

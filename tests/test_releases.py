@@ -211,7 +211,7 @@ def test_export_run_writes_a_release_that_loads_back(run_dir, tmp_path, register
 def test_export_with_chosen_ids_half_precision_and_activations_by_hook(run_dir, tmp_path):
     """What the shipped release uses: ids by run name, fp16 weights that load as the SAE's
     dtype, and firing frequencies from a mapping of hook to activations."""
-    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "train") / HOOK)
+    acts = ActivationCache.open(activations_dir(run_dir, "tiny-model", "validation") / HOOK)
     ids = {"sa": HOOK, "gated": f"{HOOK}/gated_2H"}
     path = export(run_dir, tmp_path / "out", "half", {HOOK: acts}, ids=ids, weights_dtype="float16")
     entry = yaml.safe_load(path.read_text())["half"]
@@ -229,8 +229,8 @@ def test_export_with_chosen_ids_half_precision_and_activations_by_hook(run_dir, 
 
 def test_export_run_doubled_and_without_usable_activations(run_dir, tmp_path):
     shutil.copytree(run_dir, tmp_path / "run")
-    train = activations_dir(tmp_path / "run", "tiny-model", "train")
-    (train / HOOK / "metadata.json").unlink()  # an interrupted harvest
+    held_out = activations_dir(tmp_path / "run", "tiny-model", "validation")
+    (held_out / HOOK / "metadata.json").unlink()  # an interrupted harvest
     path = export_run(tmp_path / "run", tmp_path / "out", "tiny-doubled", doubled=True)
     entry = yaml.safe_load(path.read_text())["tiny-doubled"]
     assert "no activations were given" in path.read_text() and "conversion_func" not in entry

@@ -212,6 +212,7 @@ def tiny_run(model, tmp_path_factory):
             "train_tokens": 32 * 64,
             "eval_tokens": 32 * 4,
             "ce_tokens": 32 * 4,
+            "epochs": 6,  # 40 x 256 rows of 1,984 per epoch
         },
         h_expansion=64 / 576,
         train={"total_steps": 40, "batch_size": 256, "lr": 2e-3, "log_every": 20},

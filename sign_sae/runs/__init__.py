@@ -46,10 +46,11 @@ from sign_sae.runs.table import (
     to_csv,
     trained_runs,
 )
+from sign_sae.trainer import TrainConfig  # the schema of a sweep file's ``train``
 
 __all__ = [
     "COLUMNS", "FAILED_FILE", "RESULTS_CSV", "RESULTS_JSON", "SUMMARY", "SWEEP_FILE",
-    "TRAIN_FILE", "Columns", "DataConfig", "GridEntry", "Inputs", "ModelSpec", "Point",
+    "TRAIN_FILE", "TrainConfig", "Columns", "DataConfig", "GridEntry", "Inputs", "ModelSpec", "Point",
     "ResultsTable", "Row", "Run", "SweepConfig", "activations_dir", "evaluate_run",
     "evaluate_runs", "format_table", "groups", "harvest_split", "held_out_split",
     "load_sequences", "load_sweep", "plan", "profiles", "read_results", "resolve",
