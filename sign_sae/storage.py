@@ -168,7 +168,11 @@ def _commit(tmp: Path, path: Path) -> None:
     written = {p.name for p in tmp.iterdir() if p.name != MANIFEST}
     manifest = {}
     if path.is_dir():
-        old = _read_manifest(path, f"delete {path} and save it again.") or {}
+        try:
+            old = _read_manifest(path, "this save writes a new one.") or {}
+        except SignSAEError as e:  # e.g. a damaged checkpoint written again after a fallback
+            log.warning("%s Files it does not write are kept without hashes.", e)
+            old = {}
         for p in path.iterdir():
             if p.name not in written and p.name != MANIFEST:
                 _link(p, tmp / p.name)
