@@ -426,3 +426,41 @@ def test_cli_one_line_for_damaged_records(tmp_path, capsys):
     (tmp_path / runs.RESULTS_CSV).write_bytes(b"name,r2\n\xff,1\n")
     err = cli_error(["frontier", str(tmp_path / runs.RESULTS_CSV)], capsys)
     assert "results.csv is not a UTF-8 CSV table" in err
+
+
+# ---- a missing input names the command that makes it ---------------------------------------
+def test_saebench_without_the_fair_runs_says_how_to_make_them(tmp_path, monkeypatch):
+    from benchmarks import saebench
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/
+    with pytest.raises(SystemExit) as e:
+        saebench.main(["--runs", "runs/fair-cpu"])  # before sae-bench is imported
+    line = str(e.value)
+    assert line.startswith("runs/fair-cpu/results.json is missing") and "\n" not in line
+    assert "`OMP_WAIT_POLICY=PASSIVE python -m experiments.fair`" in line
+    assert "leave out --runs to run on the shipped release sign-sae-smollm2-135m" in line
+
+
+def test_saebench_runs_on_the_shipped_release_by_default(tmp_path, monkeypatch, caplog):
+    from benchmarks import saebench
+
+    monkeypatch.chdir(tmp_path)
+    args = saebench.parse_args([])
+    assert args.runs is None and args.release == "sign-sae-smollm2-135m"
+    with caplog.at_level(logging.INFO, logger="saebench"):
+        chosen, missing = saebench.chosen_saes(args)
+    assert "(--runs runs/fair-cpu) are not here" in caplog.text and missing == []
+    assert [r["name"] for r in chosen] == [args.hook, f"{args.hook}/gated_2H"]
+    for row in chosen:
+        sae = row["load"]()
+        assert sae.cfg.architecture() == row["arch"] and sae.cfg.metadata.hook_name == args.hook
+        assert 1 < row["l0"] < sae.cfg.d_sae
+
+
+def test_fair_tables_without_runs_say_how_to_make_them(tmp_path, monkeypatch):
+    from experiments import fair
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"runs/fair-cpu/results.json is missing: make the runs "
+                       r"with `OMP_WAIT_POLICY=PASSIVE python -m experiments.fair --budget cpu`"):  # fmt: skip
+        fair.main(["--stage", "tables"])
