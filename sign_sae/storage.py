@@ -60,8 +60,8 @@ def _tmp_prefix(path: Path) -> str:
 _REFUSALS = {
     errno.ENOSPC: ("no space left on the device", "free some space"),
     errno.EDQUOT: ("over the disk quota", "free some space or raise the quota"),
-    errno.EROFS: ("the file system is read-only", "make it writable or write elsewhere"),
-    errno.EACCES: ("no permission to write", "fix the permissions or write elsewhere"),
+    errno.EROFS: ("read-only file system", "make it writable or write elsewhere"),
+    errno.EACCES: ("permission denied", "fix the permissions or write elsewhere"),
 }
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an OSError
 

@@ -168,8 +168,8 @@ def test_the_error_names_the_path_and_the_bytes_needed(tmp_path):
     "code, words",
     [
         (errno.EDQUOT, "over the disk quota writing .*raise the quota"),
-        (errno.EROFS, "the file system is read-only writing .*make it writable"),
-        (errno.EACCES, "no permission to write writing .*fix the permissions"),
+        (errno.EROFS, "read-only file system writing .*make it writable"),
+        (errno.EACCES, "permission denied writing .*fix the permissions"),
     ],
 )
 def test_quota_read_only_and_no_permission_are_named(tmp_path, code, words):
@@ -249,7 +249,7 @@ def test_a_real_full_disk_at_every_writer(small_fs, writer):
 
 def test_a_real_read_only_file_system(small_fs):
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    with pytest.raises(SignSAEError, match="the file system is read-only writing"):
+    with pytest.raises(SignSAEError, match="read-only file system writing"):
         _text(small_fs, contextlib.nullcontext)
 
 
