@@ -43,7 +43,9 @@ SAEBENCH_BIN  := $(SAEBENCH_VENV)/bin
 SAEBENCH_DEPS := torch==2.13.0 sae-lens==6.54.12 transformer-lens==3.9.0 "numpy>=1.26.4,<2" \
 	"datasets>=3,<4" "pandas>=2.2.3,<3" "pyarrow<26" beartype einops jaxtyping matplotlib openai \
 	plotly pydantic scikit-learn seaborn tabulate tqdm collectibles loguru gguf safetensors pyyaml
-SAEBENCH_ARGS ?= --runs runs/fair-cpu --out docs/results/saebench
+# The default runs on the shipped release (in git); the fair benchmark's SAEs need runs/fair-cpu:
+# make saebench SAEBENCH_ARGS="--runs runs/fair-cpu --out docs/results/saebench"
+SAEBENCH_ARGS ?= --out docs/results/saebench/release
 
 saebench: $(SAEBENCH_VENV)/.installed
 	$(SAEBENCH_BIN)/python -m benchmarks.saebench $(SAEBENCH_ARGS)

@@ -1,8 +1,11 @@
-"""SAEBench (``sae-bench`` 0.6.0) core and absorption evals on the fair benchmark's SAEs, offline.
+"""SAEBench (``sae-bench`` 0.6.0) core and absorption evals, offline, on the SAEs of the shipped
+release ``sign-sae-smollm2-135m`` (the default: its weights are in the package, so a fresh clone
+runs it) or, with ``--runs``, on the fair benchmark's SAEs.
 
 Needs the separate venv ``.venv-saebench`` (``make saebench`` builds it and runs this; sae-bench
-pins numpy<2, datasets<4). One SAE per family at one matched sparsity point (seed 0,
-tuned labels), see ``FAMILIES``; docs/saebench.md explains the choices and the results.
+pins numpy<2, datasets<4); sae-bench is imported where it is used. From a run folder: one SAE
+per family at one matched sparsity point (seed 0, tuned labels), see ``FAMILIES``; from the
+release: every SAE at ``--hook``. docs/saebench.md explains the choices and the results.
 
 - core: SAEBench's ``core.run_evals`` on held-out plays (test split), natively for every SAE;
 - signed latents (sa_gsae, abstopk): SAEBench counts a latent as firing when ``f > 0``, so their
@@ -13,6 +16,7 @@ tuned labels), see ``FAMILIES``; docs/saebench.md explains the choices and the r
   subsample, and its activations read at the SAE's hook (the eval hard-codes
   ``blocks.{layer}.hook_resid_post``; ``_HookModel`` substitutes the SAE's hook).
 
+    .venv-saebench/bin/python -m benchmarks.saebench --out docs/results/saebench/release
     .venv-saebench/bin/python -m benchmarks.saebench --runs runs/fair-cpu --out docs/results/saebench
 """
 
@@ -35,21 +39,12 @@ from typing import Any
 from unittest.mock import patch
 
 import pandas as pd
-import sae_bench.evals.absorption.common as absorption_common
-import sae_bench.evals.absorption.feature_absorption as feature_absorption
-import sae_bench.evals.absorption.main as absorption
-import sae_bench.evals.core.main as core
 import torch
 from datasets import Dataset
-from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
-from sae_bench.evals.absorption.vocab import get_alpha_tokens
-from sae_bench.evals.core.eval_config import CoreEvalConfig
-from sae_bench.sae_bench_utils.general_utils import _standardize_sae_cfg
 from sae_lens import SAE
 from sae_lens.saes.abstopk_sae import AbsTopKSAE
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from sae_lens.training.activations_store import ActivationsStore
-from sklearn.exceptions import UndefinedMetricWarning
 from tqdm import tqdm
 
 from benchmarks.common import machine, set_threads
@@ -58,12 +53,16 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.export import to_doubled_jumprelu
 from sign_sae.markdown import markdown_table
 from sign_sae.models import load_model
-from sign_sae.runs import RESULTS_JSON, read_results
-from sign_sae.storage import load_sae
+from sign_sae.releases import CARD_FILE, find_release, load_pretrained
+from sign_sae.runs import RESULTS_JSON
+from sign_sae.storage import load_sae, read_json, read_table
 
 log = logging.getLogger("saebench")
 
 MODEL = "smollm2-135m"
+RELEASE = "sign-sae-smollm2-135m"  # shipped in the package: the SAEs a fresh clone has
+FAIR = "OMP_WAIT_POLICY=PASSIVE python -m experiments.fair"  # makes FAIR_RUNS (hours)
+FAIR_RUNS = Path("runs/fair-cpu")
 CONTEXT = 128
 BATCH_PROMPTS = 8
 # label -> sparsity (L1 / sparsity coefficient), or None: the sparsity whose held-out L0 in the
@@ -111,10 +110,18 @@ POSITIVE_ONLY = {
 
 
 def select(runs: Path, hook: str, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The results rows (validation split) of the SAEs to evaluate, and the missing labels."""
+    """The results rows (validation split) of the SAEs to evaluate, and the missing labels;
+    each row's ``load`` loads its SAE."""
+    path = runs / RESULTS_JSON
+    if not path.is_file():
+        raise SystemExit(
+            f"{path} is missing: --runs needs the fair benchmark's trained runs, which are not in "
+            f"git; make them with `{FAIR}` (hours on 2 CPU cores), or leave out --runs to run on "
+            f"the shipped release {RELEASE}."
+        )
     rows = [
-        r
-        for r in read_results(runs / RESULTS_JSON)
+        {**r, "load": lambda folder=r["folder"]: load_sae(runs / folder / "sae")}
+        for r in read_table(path)
         if r["split"] == "validation" and r["hook"] == hook and r["seed"] == seed
     ]
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -131,6 +138,27 @@ def select(runs: Path, hook: str, seed: int) -> tuple[list[dict[str, Any]], list
             continue
         chosen.append(min(candidates, key=lambda r: abs(math.log(r["l0"] / ref[0]))))
     return chosen, missing
+
+
+def from_release(release: str, hook: str) -> list[dict[str, Any]]:
+    """A row per SAE of ``release`` at ``hook`` (name, arch, validation L0 from its card) whose
+    ``load`` loads it."""
+    lookup = find_release(release)
+    ids = [i for i in lookup.saes_map if i == hook or i.startswith(f"{hook}/")]
+    if not ids:
+        raise SystemExit(f"Release {release} has no SAE at {hook}; it has {list(lookup.saes_map)}.")
+    rows = []
+    for sae_id in ids:
+        card = read_json(Path(lookup.repo_id) / lookup.saes_map[sae_id] / CARD_FILE, dict)
+        rows.append(
+            {
+                "name": sae_id,
+                "arch": card["architecture"],
+                "l0": card["recipe"]["validation"]["l0"],
+                "load": lambda sae_id=sae_id: load_pretrained(release, sae_id),
+            }
+        )
+    return rows
 
 
 @torch.no_grad()
@@ -181,6 +209,9 @@ def run_core(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """SAEBench's core metrics, flattened, and the feature densities (``f > 0``);
     ``downstream`` adds the CE / KL passes."""
+    import sae_bench.evals.core.main as core
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+
     store = ActivationsStore.from_sae(
         model,
         sae,
@@ -241,6 +272,8 @@ class _HookModel:
 
 def stratified_words(tokenizer: Any, per_letter: int) -> list[str]:
     """At most ``per_letter`` of SAEBench's alphabetic vocabulary tokens per first letter."""
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
     by_letter: dict[str, list[str]] = defaultdict(list)
     for word in sorted(set(get_alpha_tokens(tokenizer))):
         by_letter[word.strip()[0].lower()].append(word)
@@ -255,6 +288,11 @@ def run_absorption(
 ) -> dict[str, float]:
     """SAEBench's first-letter absorption metrics, the number of letters it scored (ground-truth
     probe F1 > 0.6) and the mean F1 of those probes over all 26 letters."""
+    import sae_bench.evals.absorption.common as absorption_common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
+    import sae_bench.evals.absorption.main as absorption
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
     cfg = AbsorptionEvalConfig(
         model_name=MODEL,
         llm_batch_size=16,
@@ -309,23 +347,47 @@ def write(out: Path, rows: list[dict[str, Any]], header: str) -> None:
     (out / "saebench.md").write_text(f"{header}\n\n{table}\n")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs/fair-cpu"))
-    parser.add_argument("--out", type=Path, default=Path("docs/results/saebench"))
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=None,
+        help=f"a fair-benchmark run folder (runs/fair-cpu, from `{FAIR}`) instead of the release",
+    )
+    parser.add_argument("--release", default=RELEASE, help=f"release to run on (default {RELEASE})")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/saebench/release"))
     parser.add_argument("--hook", default="blocks.15.hook_mlp_out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (--runs)")
     parser.add_argument("--batches", type=int, default=16, help="core batches of 8 x 128 tokens")
     parser.add_argument("--words-per-letter", type=int, default=60)
     parser.add_argument("--no-absorption", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=UndefinedMetricWarning)  # letters absent in a split
+    return parser.parse_args(argv)
+
+
+def chosen_saes(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the SAEs to evaluate (from ``--runs`` or the release) and missing labels."""
+    if args.runs is not None:
+        return select(args.runs, args.hook, args.seed)
+    if not (FAIR_RUNS / RESULTS_JSON).is_file():
+        log.info("on release %s; the fair benchmark's SAEs (--runs %s) are not here: `%s` makes "
+                 "them (hours)", args.release, FAIR_RUNS, FAIR)  # fmt: skip
+    return from_release(args.release, args.hook), []
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    chosen, missing = chosen_saes(args)  # before anything slow: a missing input is one line
+    import sae_bench.evals.absorption.common as absorption_common
+    from sae_bench.sae_bench_utils.general_utils import _standardize_sae_cfg
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    warnings.filterwarnings("ignore", category=UndefinedMetricWarning)  # letters absent in a split
     set_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    chosen, missing = select(args.runs, args.hook, args.seed)
     for label in missing:
         log.warning("no %s run at %s, seed %d: left out", label, args.hook, args.seed)
     log.info("selected: %s", ", ".join(r["name"] for r in chosen))
@@ -338,7 +400,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     absorb: list[tuple[dict[str, Any], SAE]] = []  # the form of each SAE absorption runs on
     for r in tqdm(chosen, desc="core"):
-        sae = load_sae(args.runs / r["folder"] / "sae")
+        sae = r["load"]()
         sae.fold_W_dec_norm()  # as SAEBench does to the SAEs it loads; the function is unchanged
         export = doubled(sae)
         forms = [("native", sae)] + ([("doubled", export)] if export is not None else [])
@@ -363,9 +425,10 @@ def main() -> None:
             rows.append(row)
         absorb.append((rows[-1], forms[-1][1]))
 
+    source = f"`{args.runs}`, seed {args.seed}" if args.runs else f"release `{args.release}`"
     lines = [
-        f"SAEBench {version('sae-bench')} on {MODEL} `{args.hook}`, seed {args.seed}, from "
-        f"`{args.runs}` ({time.strftime('%Y-%m-%d')}).",
+        f"SAEBench {version('sae-bench')} on {MODEL} `{args.hook}`, from {source} "
+        f"({time.strftime('%Y-%m-%d')}).",
         f"Machine: {machine()}.",
         f"Core: {args.batches} batches x {BATCH_PROMPTS} x {CONTEXT} = "
         f"{args.batches * BATCH_PROMPTS * CONTEXT} held-out test tokens (the same tokens for the "

@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None) -> None:
         log.info("stage %s done in %.0f s", stage, time.perf_counter() - start)
         fair_tables.write(args.budget)
     if args.stage == "tables":
+        if not _rows(args.budget):
+            raise SystemExit(
+                f"runs/fair-{args.budget}/{runs.RESULTS_JSON} is missing: make the runs with "
+                f"`OMP_WAIT_POLICY=PASSIVE python -m experiments.fair --budget {args.budget}`."
+            )
         fair_tables.write(args.budget)
 
 

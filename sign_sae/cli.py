@@ -14,6 +14,7 @@ from pathlib import Path
 from sign_sae import distributed, runs
 from sign_sae.corpus import HELD_OUT
 from sign_sae.errors import SignSAEError
+from sign_sae.storage import write_refused
 
 log = logging.getLogger("sign_sae")
 
@@ -103,10 +104,9 @@ def cmd_frontier(args: argparse.Namespace) -> None:
 
     from analyses import frontier  # the CLI is the one place that joins the two packages
     from analyses.sweep import write_plots
-    from sign_sae.runs import read_results
-    from sign_sae.storage import atomic_write_text
+    from sign_sae.storage import atomic_write_text, read_table
 
-    rows = read_results(args.results)
+    rows = read_table(args.results)
     result = frontier.analyse(rows, reference=args.reference, dead_floor=args.dead_floor)
     out = Path(args.out) if args.out else Path(args.results).parent
     text = frontier.format_markdown(result)
@@ -218,10 +218,8 @@ _USER_ERRNOS = {
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {e.filename}" if e.filename else ""
-        return (
-            f"no space left on the device{where}: free some space and run the same command "
-            "again (finished work is kept)."
-        )
+    # a full disk, quota or read-only file system met outside sign_sae's writers (which raise a
+    # SignSAEError for them) gets the same words; a refused read keeps its own
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return write_refused(e, e.filename or "a file") or str(e)
     return " ".join(str(e).split())

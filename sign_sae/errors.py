@@ -22,3 +22,11 @@ def unreachable(what: str, error: BaseException) -> SignSAEError | None:
         "once with network access, or use the offline defaults (model smollm2-135m, text "
         "shakespeare)."
     )
+
+
+class DivergedError(SignSAEError):
+    """Training stopped because the loss became NaN or infinite at ``step``."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from sign_sae.errors import SignSAEError
 from sign_sae.models import validate_hook
-from sign_sae.storage import atomic_write_text, default_mode, sha256_file
+from sign_sae.storage import atomic_write_text, read_json, sha256_file, staged_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +50,22 @@ _SHARD_FILE = "shard_{:05d}.safetensors"
 _SHARD_PATTERN = re.compile(r"^shard_\d{5}\.safetensors$")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _REBUILD = "run harvest() again to rebuild it, or delete the folder"
+# What metadata.json must hold (checked on open, so a damaged file is rebuilt, never trusted).
+_METADATA_FIELDS = {"complete": bool, "hook": str, "d_in": int, "n_tokens": int, "dtype": str,
+                    "n_shards": int, "shards": list}  # fmt: skip
 
 
 class InvalidCacheError(SignSAEError):
     """A folder that is not a complete, readable activation cache."""
+
+
+def _shard_entry(entry: Any) -> bool:
+    """Whether a ``shards`` item of metadata.json has a file name and a token count."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and isinstance(entry.get("n_tokens"), int)
+    )
 
 
 class ActivationCache:
@@ -74,10 +85,12 @@ class ActivationCache:
                 f"{path} is not an activation cache: no {METADATA_FILE}. Create one with harvest()."
             )
         try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InvalidCacheError(f"{meta_path} is not valid JSON ({e}); {_REBUILD}.") from e
-        if not isinstance(meta, dict) or meta.get("complete") is not True:
+            meta = read_json(meta_path, dict, _METADATA_FIELDS, f"{_REBUILD}.")
+            if not all(_shard_entry(s) for s in meta["shards"]):
+                raise SignSAEError(f"{meta_path}: a shard entry is malformed; {_REBUILD}.")
+        except SignSAEError as e:
+            raise InvalidCacheError(str(e)) from e
+        if meta["complete"] is not True:
             raise InvalidCacheError(f"{path} is an incomplete activation cache; {_REBUILD}.")
         cache = cls(path, meta)
         cache._check_shards()
@@ -444,9 +457,8 @@ class _ShardWriter:
 
 
 def _write_shard(shard: torch.Tensor, path: Path, entry: dict[str, Any]) -> None:
-    """Write one shard atomically and record its sha256 in its metadata ``entry``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-shard.tmp")
-    safetensors.torch.save_file({_TENSOR_KEY: shard}, tmp)
-    os.chmod(tmp, default_mode())  # safetensors creates files 0600
-    entry["sha256"] = sha256_file(tmp)
-    os.replace(tmp, path)
+    """Write one shard atomically and record its sha256 in its metadata ``entry``; a refused
+    write (full disk, ...) is a one-line error and leaves no temporary file."""
+    with staged_file(path, shard.numel() * shard.element_size()) as tmp:
+        safetensors.torch.save_file({_TENSOR_KEY: shard}, tmp)
+        entry["sha256"] = sha256_file(tmp)

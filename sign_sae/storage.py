@@ -10,6 +10,7 @@ manifest when there is one (foreign SAELens folders have none) and check the con
 registered architecture before anything is built. Files get 0666 and folders 0777 less the umask.
 """
 
+import csv
 import ctypes
 import errno
 import hashlib
@@ -32,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sign_sae.errors import SignSAEError
+from sign_sae.models import check_device
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,70 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-"
 
 
+# Write refusals of the machine, not the code: what the one-line error says and how to fix it.
+_REFUSALS = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("over the disk quota", "free some space or raise the quota"),
+    errno.EROFS: ("read-only file system", "make it writable or write elsewhere"),
+    errno.EACCES: ("permission denied", "fix the permissions or write elsewhere"),
+}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an OSError
+
+
+def write_refused(error: BaseException, path: Path | str, needs: int | None = None) -> str | None:
+    """The one-line reason when ``error`` is the machine refusing a write to ``path`` (disk
+    full, over quota, read-only, no permission), else None. ``needs``: the bytes the write
+    needed, when known. The CLI words such an ``OSError`` raised anywhere with it too."""
+    code = getattr(error, "errno", None)
+    if code is None and isinstance(error, SafetensorError):
+        found = _OS_ERROR.search(str(error))
+        code = int(found[1]) if found else None
+    if code not in _REFUSALS:
+        return None
+    what, fix = _REFUSALS[code]
+    size = f" (the write needed {_size(needs)})" if needs is not None else ""
+    return (
+        f"{what} writing {path}{size}: {fix} and run the same command again; it resumes where "
+        "it stopped (finished work is kept, nothing half-written is left)."
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes" if n < 1_000_000 else f"{n / 1e6:,.1f} MB"
+
+
+@contextmanager
+def writing(path: Path, needs: int | None = None) -> Iterator[None]:
+    """Turn a refused write inside the block into a one-line ``SignSAEError`` naming ``path``
+    (the file or folder being written) and ``needs`` bytes; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = write_refused(e, path, needs)
+        if reason is None:
+            raise
+        raise SignSAEError(reason) from e
+
+
+@contextmanager
+def staged_file(path: Path, needs: int | None = None) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; when the block ends without error it gets the
+    umask's permissions and replaces ``path`` in one rename, otherwise it is removed. A refused
+    write (full disk, ...) is a one-line ``SignSAEError`` (``writing``)."""
+    path = Path(path)
+    with writing(path, needs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.chmod(tmp, default_mode(folder=False))  # mkstemp and safetensors make 0600
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a UTF-8 text file via a temporary file and an atomic rename; characters that UTF-8
     cannot encode (lone surrogates from broken token strings) are replaced, not fatal."""
@@ -61,20 +127,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    try:
-        os.fchmod(fd, default_mode(folder=False))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a file via a temporary file (synced to disk) and an atomic rename."""
+    with staged_file(path, len(data)) as tmp:
+        _write_synced(tmp, data)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def sha256_file(path: Path) -> str:
@@ -84,26 +146,33 @@ def sha256_file(path: Path) -> str:
 
 
 @contextmanager
-def staged_folder(path: Path) -> Iterator[Path]:
+def staged_folder(path: Path, needs: int | None = None) -> Iterator[Path]:
     """A temporary folder to write into; when the block ends without error its files replace
     the ones of the same name in ``path`` all at once, with their hashes in ``MANIFEST``. Other
-    files of ``path`` are kept (hard-linked into the new folder before the swap)."""
+    files of ``path`` are kept (hard-linked into the new folder before the swap). On any error
+    the temporary folder goes; a refused write is a one-line ``SignSAEError`` (``writing``)
+    naming ``path`` and ``needs``, the bytes the save needs when the caller knows them."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
-    try:
-        os.chmod(tmp, default_mode(folder=True))
-        yield tmp
-        _commit(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old folder
+    with writing(path, needs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
+        try:
+            os.chmod(tmp, default_mode(folder=True))
+            yield tmp
+            _commit(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old folder
 
 
 def _commit(tmp: Path, path: Path) -> None:
     written = {p.name for p in tmp.iterdir() if p.name != MANIFEST}
     manifest = {}
     if path.is_dir():
-        old = _read_manifest(path) or {}
+        try:
+            old = _read_manifest(path, "this save writes a new one.") or {}
+        except SignSAEError as e:  # e.g. a damaged checkpoint written again after a fallback
+            log.warning("%s Files it does not write are kept without hashes.", e)
+            old = {}
         for p in path.iterdir():
             if p.name not in written and p.name != MANIFEST:
                 _link(p, tmp / p.name)
@@ -115,7 +184,9 @@ def _commit(tmp: Path, path: Path) -> None:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
                 manifest[name] = hashlib.file_digest(f, "sha256").hexdigest()
-    atomic_write_text(tmp / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=1))
+    # inside the staged folder: the swap below makes it appear atomically with the rest
+    _write_synced(tmp / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=1).encode())
+    os.chmod(tmp / MANIFEST, default_mode())
     if path.exists():
         _swap(tmp, path)
     else:
@@ -216,7 +287,7 @@ def write_folder(path: Path, files: Mapping[str, dict[str, torch.Tensor] | dict[
     tensors, everything else a JSON-serialisable dict. They replace their namesakes at once
     (``staged_folder``); other files of the folder stay.
     """
-    with staged_folder(path) as tmp:
+    with staged_folder(path, sum(map(_nbytes, files.values()))) as tmp:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 tensors = {k: v.detach().contiguous() for k, v in content.items()}
@@ -225,11 +296,18 @@ def write_folder(path: Path, files: Mapping[str, dict[str, torch.Tensor] | dict[
                 (tmp / name).write_text(json.dumps(content, indent=2))
 
 
+def _nbytes(content: Mapping[str, Any]) -> int:
+    """About the bytes a file of ``content`` takes: its tensors' data, or its JSON text."""
+    if all(isinstance(v, torch.Tensor) for v in content.values()):
+        return sum(v.numel() * v.element_size() for v in content.values())
+    return len(json.dumps(content, indent=2, default=str))
+
+
 def save_sae(sae: Any, path: Path) -> Path:
     """Save an SAE folder through its own SAELens ``save_inference_model`` (training SAEs) or
     ``save_model``, atomically and with its manifest, after checking every parameter is finite."""
     check_finite(dict(sae.named_parameters()), f"the SAE saved to {path}")
-    with staged_folder(path) as tmp:
+    with staged_folder(path, _nbytes(sae.state_dict())) as tmp:
         save = getattr(sae, "save_inference_model", None) or sae.save_model
         save(tmp)
     return Path(path)
@@ -246,26 +324,27 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
             )
 
 
-def _read_manifest(folder: Path) -> dict[str, str] | None:
+def _read_manifest(folder: Path, fix: str) -> dict[str, str] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    manifest = read_json(path)
+    manifest = read_json(path, dict, fix=fix)
     plain = all(
         isinstance(v, str) and Path(k).name == k not in ("", ".", "..") for k, v in manifest.items()
     )
     if not plain:
         raise SignSAEError(
-            f"{path} is not a manifest of plain file names and hashes; it is corrupt."
+            f"{path} is not a manifest of plain file names and hashes; it is corrupt; {fix}"
         )
     return manifest
 
 
 def verify_folder(folder: Path, fix: str, required: Iterable[str] = ()) -> None:
     """Check every file ``MANIFEST`` lists against its sha256; ``required`` files must be listed
-    (a folder without a manifest passes unless something is required). ``fix`` ends the error."""
+    (a folder without a manifest passes unless something is required). ``fix`` ends the error,
+    also when the manifest itself is damaged."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = _read_manifest(folder, fix)
     missing = [n for n in required if n not in (manifest or {})]
     if missing:
         raise SignSAEError(f"{folder} has no recorded hash for {missing} ({MANIFEST}); {fix}")
@@ -292,17 +371,76 @@ def check_inside(root: Path, paths: Iterable[Path], what: str) -> None:
             )
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or a one-line error naming the file when it is missing or not JSON."""
+def read_json(
+    path: Path, expect: type = object, fields: Mapping[str, type] | None = None, fix: str = ""
+) -> Any:
+    """A JSON file, checked: a one-line error names the file, what is wrong and ``fix`` when it
+    is not UTF-8 JSON, not an ``expect`` (``dict``, ``list``), or, for an object, lacks one of
+    ``fields`` or holds one of another type (``{"steps": int, "wall_s": float}``). A missing
+    file stays a ``FileNotFoundError`` (the CLI prints it as one line too)."""
     path = Path(path)
+    fix = fix or "the file is truncated or corrupt."
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SignSAEError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(data, expect):
         raise SignSAEError(
-            f"{path} is not valid JSON ({e}); the file is truncated or corrupt."
-        ) from e
+            f"{path} should hold a JSON {_json_type(expect)}, not {_json_type(type(data))}; {fix}"
+        )
+    fields = fields if isinstance(data, dict) and fields else {}
+    missing = [k for k in fields if k not in data]
+    wrong = [
+        f"{k} is a {_json_type(type(data[k]))}, not a {_json_type(t)}"
+        for k, t in fields.items()
+        if k in data and not _is_instance(data[k], t)
+    ]
+    if missing or wrong:
+        what = ", ".join(([f"lacks {missing}"] if missing else []) + wrong)
+        raise SignSAEError(f"{path}: {what}; {fix}")
+    return data
+
+
+def _json_type(kind: type) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+             bool: "boolean", type(None): "null"}  # fmt: skip
+    return names.get(kind, kind.__name__)
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results table (``results.json``: an array of objects, or ``results.csv``:
+    UTF-8, numbers parsed, empty cells None), with a one-line error naming the file and the
+    command that writes it again when it is damaged."""
+    path = Path(path)
+    fix = (
+        f"delete it and run `sign-sae eval {path.parent}` to write it again from the trained runs."
+    )
+    if path.suffix.lower() == ".json":
+        rows = read_json(path, list, fix=fix)
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+        if bad:
+            raise SignSAEError(f"{path}: row {bad[0]} is not a JSON object; {fix}")
+        return rows
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing.") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SignSAEError(f"{path} is not a UTF-8 CSV table ({e}); {fix}") from e
+
+
+def _parse_cell(text: str | None) -> Any:
+    if text is None or text.strip() == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -395,6 +533,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
     from sae_lens import SAE
     from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
+    check_device(device)
     folder = Path(path)
     cfg = read_cfg(folder)
     verify_folder(folder, "re-export, re-download or retrain the SAE.")

@@ -38,7 +38,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from tqdm.auto import tqdm
 
 from sign_sae import distributed
-from sign_sae.errors import SignSAEError
+from sign_sae.errors import DivergedError, SignSAEError
 from sign_sae.storage import (
     atomic_write_text,
     check_finite,
@@ -584,9 +584,9 @@ def _param_groups(sae: TrainingSAE, patterns: dict[str, float]) -> list[dict[str
     return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
-def _loss_error(step: int, loss: float) -> FloatingPointError:
-    return FloatingPointError(
-        f"Step {step}: the loss is {loss}; lower the learning rate or check the inputs."
+def _loss_error(step: int, loss: float) -> DivergedError:
+    return DivergedError(
+        f"Step {step}: the loss is {loss}; lower the learning rate or check the inputs.", step
     )
 
 

@@ -24,8 +24,8 @@ from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import EvalResult
 from sign_sae.models import load_model
 from sign_sae.releases import CARD_FILE, find_release, load_pretrained
-from sign_sae.runs import RESULTS_JSON, SWEEP_FILE, load_sweep, read_results, trained_runs
-from sign_sae.storage import load_sae, read_json
+from sign_sae.runs import RESULTS_JSON, SWEEP_FILE, load_sweep, trained_runs
+from sign_sae.storage import load_sae, read_json, read_table
 
 DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
@@ -253,7 +253,7 @@ def _section(
 def _result_rows(run: Path, found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The results-table rows of the report's SAEs (none without results.json)."""
     results = run / RESULTS_JSON
-    by_hash = {r["config_hash"]: r for r in read_results(results)} if results.is_file() else {}
+    by_hash = {r["config_hash"]: r for r in read_table(results)} if results.is_file() else {}
     return [
         {"name": name, **{k: row[k] for k in _ROW_KEYS if k in row}}
         for name, record in found.items()
@@ -262,10 +262,10 @@ def _result_rows(run: Path, found: dict[str, dict[str, Any]]) -> list[dict[str, 
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Result rows of a results table (``sign_sae.runs.read_results``: JSON or CSV, numbers
+    """Result rows of a results table (``sign_sae.storage.read_table``: JSON or CSV, numbers
     parsed, empty cells None); a JSON object holding ``rows`` is accepted too."""
     path = Path(path)
-    rows: Any = read_results(path)
+    rows: Any = read_json(path) if path.suffix.lower() == ".json" else read_table(path)
     if isinstance(rows, dict):
         rows = rows.get("rows")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
