@@ -1,9 +1,10 @@
-"""The streamed run system at scale: peak memory against the token budget, and a sweep's wall
-time from one stream against one stream per SAE.
+"""The streamed run system at scale, on the default model (SmolLM2 layer-15 MLP-out, H = 2 d):
 
-Each measurement is one ``python -m sign_sae train`` subprocess on the default model (SmolLM2
-layer-15 MLP-out, SA-GSAE at H = 2 d) whose peak RSS comes from ``wait4``; the training
-batches (1024 rows) and steps grow with the budget so every token is seen once.
+- ``memory``: peak RSS of ``python -m sign_sae train`` (one subprocess per budget, ``wait4``)
+  against the training-token budget, for one SAE and for a 10-SAE sweep, every token seen once;
+- ``sweep``: the wall time of a 10-SAE sweep (SA-GSAE H and Gated 2H x 5 sparsities) from one
+  stream, from one stream per SAE (10 sequential runs, each paying the forward) and with SAELens's
+  ``MultiSAETrainingRunner`` on the same token rows, side by side in one process.
 
     python -m benchmarks.stream memory --budgets 51200 204800 409600 1280000
     python -m benchmarks.stream sweep --budget 102400
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from benchmarks.common import machine
 from sign_sae.markdown import markdown_table
@@ -69,13 +72,67 @@ def memory(budgets: list[int]) -> str:
 
 
 def sweep(tokens: int) -> str:
+    """Wall time of the 10-SAE sweep three ways (one process, the model loaded once)."""
+    from datasets import Dataset
+    from sae_lens import LoggingConfig, MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+
+    from sign_sae.architectures import training_config
+    from sign_sae.models import load_model
+    from sign_sae.runs import Inputs, SweepConfig, run_plan
+
+    model = load_model()
     rows = []
-    for name, at_once in (("one stream for all 10", 0), ("one stream per SAE", 1)):
-        with tempfile.TemporaryDirectory() as tmp:
-            gb, wall = measure(run_file(Path(tmp) / "out", tokens, TEN, at_once), Path(tmp))
-        rows.append([name, f"{wall:.0f}", f"{gb:.2f}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, at_once in (
+            ("sign-sae, one stream for all 10", 0),
+            ("sign-sae, one stream per SAE", 1),
+        ):
+            cfg = SweepConfig(**yaml_dict(run_file(Path(tmp) / name[-3:], tokens, TEN, at_once)))
+            start = time.perf_counter()
+            run_plan(cfg, Inputs(cfg.data, {"smollm2-135m": model}), evaluate=False, progress=False)
+            rows.append([name, time.perf_counter() - start])
+            print(rows[-1], flush=True)
+        cfg = SweepConfig(**yaml_dict(run_file(Path(tmp) / "x", tokens, TEN)))
+        train_tokens = Inputs(cfg.data).tokens(model, "train")
+        hook = "blocks.15.hook_mlp_out"
+        saes = {
+            f"{arch}_{k:g}": training_config(arch, 576, 1152 * w, k)
+            for arch, w in (("sa_gsae", 1), ("gated", 2))
+            for k in SPARSITIES
+        }
+        runner_cfg = MultiSAETrainingRunnerConfig(
+            saes=saes,
+            hook_names=hook,
+            model_name="smollm2-135m",
+            context_size=128,
+            streaming=False,
+            training_tokens=cfg.train.total_steps * BATCH,
+            train_batch_size_tokens=BATCH,
+            store_batch_size_prompts=32,
+            n_batches_in_buffer=8,
+            seqpos_slice=(1, None),  # BOS left out, as sign-sae does
+            prepend_bos=False,  # the rows start with BOS already
+            autocast_lm=True,  # the bf16 forward sign-sae's run uses
+            device="cpu",
+            logger=LoggingConfig(log_to_wandb=False),
+            checkpoint_path=None,
+            output_path=str(Path(tmp) / "saelens"),
+        )
+        dataset = Dataset.from_dict({"tokens": train_tokens.tolist()})
+        runner = MultiSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
+        start = time.perf_counter()
+        runner.run()
+        rows.append(["SAELens MultiSAETrainingRunner", time.perf_counter() - start])
         print(rows[-1], flush=True)
-    return markdown_table(["10-SAE sweep", "wall (s)", "peak RSS (GB)"], rows)
+    base = rows[-1][1]
+    return markdown_table(
+        ["10-SAE sweep, training only", "wall (s)", "speed vs SAELens"],
+        [[n, f"{w:.0f}", f"{base / w:.2f}x"] for n, w in rows],
+    )
+
+
+def yaml_dict(text: str) -> dict:
+    return yaml.safe_load(text)
 
 
 def main() -> None:

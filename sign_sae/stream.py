@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import fingerprint
 from sign_sae.models import validate_hook
-from sign_sae.storage import atomic_write_text, default_mode, sha256_file
+from sign_sae.storage import atomic_write_text, sha256_file, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -274,20 +273,15 @@ class ActivationStream:
         return rows
 
     def _write(self, hook: str, chunk: int, rows: torch.Tensor) -> None:
-        """One shard, atomically: data first, then its sha256 (a shard without one is unread)."""
+        """One shard, atomically: data first, then its sha256 (a shard without one is unread).
+        A full disk is one line naming the shard; the run resumes once there is space."""
         path = self._path(hook, chunk)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        path.with_suffix(".sha256").unlink(missing_ok=True)
+        with staged_file(path, rows.numel() * rows.element_size()) as tmp:
             safetensors.torch.save_file(
                 {hook: rows.contiguous()}, tmp, metadata=self._metadata(hook, chunk)
             )
-            os.chmod(tmp, default_mode())
             digest = sha256_file(tmp)
-            path.with_suffix(".sha256").unlink(missing_ok=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         atomic_write_text(path.with_suffix(".sha256"), digest)
         self._verified.add(path)
 

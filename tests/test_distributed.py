@@ -198,7 +198,7 @@ def test_checkpoints_resume_with_another_number_of_ranks(runs):
 # Two ranks stream disjoint halves of the text, so a global batch holds other rows than one
 # process's (the same distribution): the trained SAEs agree in their held-out metrics to these
 # tolerances, not weight for weight.
-R2_TOLERANCE, L0_TOLERANCE = 0.05, 0.25  # absolute R^2; L0 relative
+R2_TOLERANCE, L0_TOLERANCE = 0.01, 0.25  # absolute R^2 (5e-4 measured); L0 relative
 
 
 def test_two_rank_sweep_matches_the_one_rank_table(runs):
@@ -217,7 +217,7 @@ def test_two_rank_sweep_matches_the_one_rank_table(runs):
     assert len(one) == 3 and [r["config_hash"] for r in two] == [r["config_hash"] for r in one]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
-        assert abs(a["r2"] - b["r2"]) < R2_TOLERANCE and a["r2"] > 0.2
+        assert abs(a["r2"] - b["r2"]) < R2_TOLERANCE
         assert b["l0"] == pytest.approx(a["l0"], rel=L0_TOLERANCE)
         assert b["r2"] != a["r2"]  # other rows: not the same run
         for key, value in a.items():

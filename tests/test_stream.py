@@ -2,7 +2,14 @@
 every row once, the cache gives the same rows as the model, SAEs at one stream train as they
 would alone, a stopped group resumes exactly, and bad input is one clear error."""
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +18,7 @@ from sign_sae.architectures import make_training_sae
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import harvest
+from sign_sae.storage import read_weights
 from sign_sae.stream import ActivationStream, stop_layer
 from sign_sae.trainer import TrainConfig, Trainer, train_together
 
@@ -162,3 +170,54 @@ def test_one_diverging_sae_stops_alone(model, tokens):
     results = train_together(trainers, progress=False)
     assert isinstance(results[1], Exception) and "loss" in str(results[1])
     assert [r.steps for i, r in enumerate(results) if i != 1] == [12, 12]
+
+
+# ---- a streamed sweep killed again and again -----------------------------------------------
+SOAK = """
+out_dir: {out}
+data: {{models: [smollm2-135m], hooks: [blocks.1.hook_mlp_out, blocks.2.hook_resid_mid],
+        context_size: 64, train_tokens: 4096, eval_tokens: 256, ce_tokens: 256, epochs: 4,
+        cache: true, buffer_tokens: 1024}}
+h_expansion: 0.125
+train: {{total_steps: 48, batch_size: 256, checkpoint_every: 4, log_every: 16}}
+grid: [{{label: sa, arch: sa_gsae, sparsity: [1.0]}},
+       {{label: gated, arch: gated, width: 2, sparsity: [1.0]}}]
+"""
+# SIGN_SAE_SOAK_KILLS=10 python -m pytest tests/test_stream.py -k killed  (the longer soak)
+KILLS = int(os.environ.get("SIGN_SAE_SOAK_KILLS", "2"))
+
+
+def _progress(out: Path) -> int:
+    """How far the sweep got: -1 before any cache shard, else the newest checkpoint's step."""
+    steps = [int(p.read_text().split("_")[1]) for p in out.glob("runs/*/*/*/checkpoint/latest")]
+    if steps:
+        return max(steps)
+    return 0 if any(out.glob("activations/*/stream/*/*/chunk_*.sha256")) else -1
+
+
+@pytest.mark.usefixtures("model")  # the converted model is cached for the subprocesses
+def test_a_streamed_sweep_killed_again_and_again_resumes_bit_identically(tmp_path):
+    def command(out: Path) -> list[str]:
+        path = out.with_suffix(".yaml")
+        path.write_text(SOAK.format(out=out))
+        return [sys.executable, "-m", "sign_sae", "train", str(path)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), env=env, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    # the first kill mid-stream (cache shards being written), the others after random steps
+    targets = [0, *sorted(random.Random(0).sample(range(4, 44), KILLS - 1))][:KILLS]
+    for target in targets:
+        proc = subprocess.Popen(command(killed), env=env, stderr=subprocess.DEVNULL)
+        while _progress(killed) < target and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not list(killed.glob("runs/*/*/*/train.json"))  # every kill came before the end
+    subprocess.run(command(killed), env=env, check=True, capture_output=True)
+    finals = sorted(straight.glob("runs/*/*/*/sae/sae_weights.safetensors"))
+    assert len(finals) == 4
+    for path in finals:
+        a, b = read_weights(path), read_weights(killed / path.relative_to(straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path

@@ -44,14 +44,21 @@ from sign_sae.harvest import DTYPES, ActivationCache, fingerprint, harvest
 from sign_sae.metrics import SequenceStats
 from sign_sae.models import load_model
 from sign_sae.runs.config import SWEEP_FILE, DataConfig, SweepConfig
-from sign_sae.runs.spec import FAILED_FILE, TRAIN_FILE, Row, Run, resolve, safe_name
+from sign_sae.runs.spec import (
+    FAILED_FILE,
+    TRAIN_FILE,
+    Row,
+    Run,
+    read_train_info,
+    resolve,
+    safe_name,
+)
 from sign_sae.runs.table import ResultsTable, sequences_file
 from sign_sae.storage import (
     atomic_write_bytes,
     atomic_write_text,
     load_sae,
     locked,
-    read_json,
     remove_stale,
     save_sae,
 )
@@ -253,7 +260,7 @@ def training_stream(
 
 def evaluate_run(run: Run, held: HeldOut, columns: Columns | None = None) -> Row:
     """The results row of one trained run: its identity, held-out metrics and timings."""
-    info = read_json(run.folder / TRAIN_FILE)
+    info = read_train_info(run.folder / TRAIN_FILE)
     sae = load_sae(run.folder / "sae", device=run.data.device)
     start = time.perf_counter()
     res = held.evaluate(sae, run.hook)

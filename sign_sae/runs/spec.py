@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from sign_sae.architectures import make_training_sae, training_config
+from sign_sae.errors import SignSAEError
 from sign_sae.models import HOOK_KINDS, hook_name, mid_layer, validate_hook
 from sign_sae.runs.config import DataConfig, ModelSpec, Point, SweepConfig, plan
+from sign_sae.storage import read_json
 from sign_sae.trainer import BOOKKEEPING, TrainConfig
 
 TRAIN_FILE = "train.json"
@@ -162,6 +164,22 @@ def _hook_widths(model: Any, hooks: list[str]) -> dict[str, int]:
     tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
     _, cache = model.run_with_cache(tokens, names_filter=hooks)
     return {h: math.prod(cache[h].shape[2:]) for h in hooks}
+
+
+# what every reader of a run's train.json relies on, and the identity record's fields
+_TRAIN_INFO = {"run": dict, "steps": int, "wall_s": float, "n_params_train": int}
+_RECORD = ("name", "label", "model", "hook", "hook_kind", "folder", "config_hash")
+
+
+def read_train_info(path: Path) -> dict[str, Any]:
+    """A run's ``train.json``, checked for the fields its readers use; a damaged one is one
+    line naming the file and the fix."""
+    fix = f"delete {Path(path).parent} and train the run again."
+    info = read_json(path, dict, _TRAIN_INFO, fix=fix)
+    missing = [k for k in _RECORD if k not in info["run"]]
+    if missing:
+        raise SignSAEError(f"{path}: its run record lacks {missing}; {fix}")
+    return info
 
 
 def safe_name(name: str) -> str:

@@ -19,8 +19,8 @@ from sign_sae import distributed
 from sign_sae.markdown import markdown_table
 from sign_sae.metrics import SequenceStats
 from sign_sae.runs.config import SWEEP_FILE, load_sweep, plan
-from sign_sae.runs.spec import TRAIN_FILE, Row, Run
-from sign_sae.storage import atomic_write_text, locked, read_json, read_weights
+from sign_sae.runs.spec import TRAIN_FILE, Row, Run, read_train_info
+from sign_sae.storage import atomic_write_text, locked, read_table, read_weights
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -55,7 +55,7 @@ def trained_runs(out_dir: str | Path) -> dict[str, Row]:
     """Every trained run under ``out_dir`` in the plan's order, by its ``short_names`` name; the
     value is its identity record (``Run.record``: name, model, hook, folder, config_hash, ...)."""
     out = Path(out_dir)
-    records = [read_json(p)["run"] for p in sorted(out.glob(f"runs/*/*/*/{TRAIN_FILE}"))]
+    records = [read_train_info(p)["run"] for p in sorted(out.glob(f"runs/*/*/*/{TRAIN_FILE}"))]
     if (out / SWEEP_FILE).is_file():
         rank = {(p.model.name, p.hook, p.name): i for i, p in enumerate(plan(load_sweep(out)))}
         records.sort(key=lambda r: rank.get((r["model"], r["hook_kind"], r["name"]), len(rank)))
@@ -117,7 +117,7 @@ class ResultsTable:
 
     def _read(self) -> list[Row]:
         path = self.folder / RESULTS_JSON
-        return read_json(path) if path.is_file() else []
+        return read_table(path) if path.is_file() else []
 
     def has(self, run: Run) -> bool:
         """Whether ``run`` has a row for its ``data.eval_split``."""
@@ -151,12 +151,9 @@ def to_csv(rows: list[Row]) -> str:
 
 def read_results(path: str | Path) -> list[Row]:
     """Rows of a results table (``results.json`` or ``results.csv``; numbers parsed, empty
-    cells None)."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return json.loads(path.read_text())
-    with path.open(newline="") as f:
-        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    cells None), checked: a damaged table is a one-line error naming the command that
+    rewrites it."""
+    return read_table(Path(path))
 
 
 def format_table(rows: list[Row]) -> str:
@@ -171,17 +168,6 @@ def _cell(v: Any) -> Any:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     return v
-
-
-def _parse(text: str | None) -> Any:
-    if text is None or text.strip() == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _json_safe(value: Any) -> Any:
