@@ -396,8 +396,8 @@ def test_a_diverging_loss_is_one_line_naming_the_step(tmp_path, tiny_model, caps
         train(sae, TensorBatches(torch.randn(512, 8), 64), TrainConfig(lr=1e30, batch_size=64),
               progress=False)  # fmt: skip
     assert e.value.step > 0
-    monkeypatch.setattr(runs, "load_model", lambda name, device: tiny_model)
-    monkeypatch.setattr(runs.Source, "tokens", TinySource.tokens)
+    monkeypatch.setattr(runs.execute, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(runs.Inputs, "tokens", TinySource.tokens)
     path = sweep_yaml(tmp_path / "s.yaml", "{lr: 1.0e30, total_steps: 50, batch_size: 64}")
     err = cli_error(["train", str(path), "--out", str(tmp_path / "out")], capsys)
     assert "the loss is" in err and "lower the learning rate" in err
@@ -405,8 +405,8 @@ def test_a_diverging_loss_is_one_line_naming_the_step(tmp_path, tiny_model, caps
 
 # ---- one line at the command line ----------------------------------------------------------
 def test_cli_one_line_for_a_full_disk_during_training(tmp_path, tiny_model, capsys, monkeypatch):
-    monkeypatch.setattr(runs, "load_model", lambda name, device: tiny_model)
-    monkeypatch.setattr(runs.Source, "tokens", TinySource.tokens)
+    monkeypatch.setattr(runs.execute, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(runs.Inputs, "tokens", TinySource.tokens)
     monkeypatch.setattr(storage, "save_file", _rust_full)
     path = sweep_yaml(tmp_path / "s.yaml", "{total_steps: 4, batch_size: 64, checkpoint_every: 2}")
     err = cli_error(["train", str(path), "--out", str(tmp_path / "out")], capsys)

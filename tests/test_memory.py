@@ -8,18 +8,18 @@ import sys
 
 import pytest
 
-N = 8192  # training tokens of the small budget (8128 rows once BOS is left out)
+N = 4096  # training tokens of the small budget (4064 rows once BOS is left out)
 D_MODEL = 576
 
 
 def run_file(out, tokens: int, epochs: int) -> str:
     return f"""
 out_dir: {out}
-data: {{models: [smollm2-135m], hooks: [blocks.3.hook_mlp_out], context_size: 128,
+data: {{models: [smollm2-135m], hooks: [blocks.0.hook_mlp_out], context_size: 128,
         train_tokens: {tokens}, eval_tokens: 256, ce_tokens: 256, epochs: {epochs},
-        buffer_tokens: 8192, forward_dtype: bfloat16}}
+        buffer_tokens: 4096, forward_dtype: bfloat16}}
 h_expansion: 0.125
-train: {{total_steps: 120, batch_size: 512, log_every: 60}}
+train: {{total_steps: 60, batch_size: 512, log_every: 60}}
 grid: [{{label: sa, arch: sa_gsae, sparsity: [1.0]}}]
 """
 

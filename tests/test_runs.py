@@ -18,7 +18,9 @@ from transformer_lens import HookedTransformerConfig
 from sign_sae import SAGSAE, cli, runs
 from sign_sae.architectures import make_training_sae
 from sign_sae.corpus import HELD_OUT, SPLITS
+from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import evaluate
+from sign_sae.runs import memory
 from sign_sae.storage import read_weights
 from sign_sae.trainer import TrainConfig
 
@@ -560,3 +562,33 @@ def test_real_model_rows_equal_evaluate_on_the_fly(smollm_run, model):
         alone = evaluate(sae, model, eval_tokens).to_dict()
         numbers = {k: v for k, v in alone.items() if isinstance(v, float)}
         assert {k: row[k] for k in numbers} == pytest.approx(numbers, rel=1e-6)
+
+
+def test_a_plan_too_big_for_memory_is_refused_with_the_plan_that_fits(tmp_path, tiny, monkeypatch):
+    cfg = tiny_sweep(tmp_path)
+    every = runs.resolve(cfg, cfg.data.models[0], tiny)
+    need = sum(memory.sae_bytes(r) for r in every) + memory.stream_bytes(every, cfg.data)
+    one = max(memory.sae_bytes(r) for r in every)
+    free = int(1.2 * (memory.stream_bytes(every, cfg.data) + 3.5 * one))  # room for three
+    with pytest.raises(
+        SignSAEError, match=r"8 SAE\(s\) at once need .* set data.saes_at_once to 3"
+    ):
+        memory.check(every, cfg.data, free=free)
+    memory.check(every, cfg.data, free=int(1.3 * need))  # fits
+    # through the command: refused before any training, then trains with the advised plan
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    calls = count_training(monkeypatch)
+    with pytest.raises(SignSAEError, match="saes_at_once to 3"):
+        sweep(cfg, tiny)
+    assert calls == []
+    cfg.data.saes_at_once = 3
+    assert len(sweep(cfg, tiny)) == len(every)
+
+
+def test_an_out_of_memory_during_training_is_one_line_of_advice(tmp_path, tiny, monkeypatch):
+    def oom(trainers, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runs.execute, "train_together", oom)
+    with pytest.raises(SignSAEError, match=r"Out of memory .* 8 SAE\(s\) at once: set data.saes_at_once to 4"):
+        sweep(tiny_sweep(tmp_path), tiny)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sign_sae import runs
 from sign_sae.architectures import make_training_sae
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.errors import SignSAEError
@@ -195,16 +196,21 @@ def _progress(out: Path) -> int:
     return 0 if any(out.glob("activations/*/stream/*/*/chunk_*.sha256")) else -1
 
 
-@pytest.mark.usefixtures("model")  # the converted model is cached for the subprocesses
-def test_a_streamed_sweep_killed_again_and_again_resumes_bit_identically(tmp_path):
+def test_a_streamed_sweep_killed_again_and_again_resumes_bit_identically(tmp_path, model):
     def command(out: Path) -> list[str]:
         path = out.with_suffix(".yaml")
         path.write_text(SOAK.format(out=out))
         return [sys.executable, "-m", "sign_sae", "train", str(path)]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(command(straight), env=env, check=True, capture_output=True)
+    straight = tmp_path / "straight"  # uninterrupted, in this process on one thread as well
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = runs.load_sweep(command(straight)[-1])
+        runs.train_runs(cfg, runs.Inputs(cfg.data, {"smollm2-135m": model}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     killed = tmp_path / "killed"
     # the first kill mid-stream (cache shards being written), the others after random steps
     targets = [0, *sorted(random.Random(0).sample(range(4, 44), KILLS - 1))][:KILLS]

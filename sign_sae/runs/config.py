@@ -22,13 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from sign_sae.architectures import ARCHITECTURES, training_config
 from sign_sae.corpus import HELD_OUT
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import DTYPES
-from sign_sae.models import DEFAULT_MODEL, HOOK_KINDS, check_device
+from sign_sae.models import DEFAULT_MODEL, HOOK_KINDS
 from sign_sae.stream import DEFAULT_BUFFER_TOKENS
 from sign_sae.trainer import TrainConfig
 from sign_sae.typed import coerce_fields
@@ -107,7 +108,12 @@ class DataConfig:
             raise SignSAEError(
                 f"data.forward_dtype must be float32 or bfloat16, got {self.forward_dtype!r}."
             )
-        check_device(self.device)
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise SignSAEError(
+                f"data.device must be a torch device (cpu, cuda, cuda:1, mps), got {self.device!r}."
+            ) from None
         for name in ("context_size", "train_tokens", "eval_tokens", "ce_tokens"):
             _check_int(f"data.{name}", getattr(self, name), 2)
         _check_int("data.harvest_batch_size", self.harvest_batch_size, 1)

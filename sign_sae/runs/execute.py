@@ -42,7 +42,8 @@ from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import HeldOut
 from sign_sae.harvest import DTYPES, ActivationCache, fingerprint, harvest
 from sign_sae.metrics import SequenceStats
-from sign_sae.models import load_model
+from sign_sae.models import check_device, load_model
+from sign_sae.runs import memory
 from sign_sae.runs.config import SWEEP_FILE, DataConfig, SweepConfig
 from sign_sae.runs.spec import (
     FAILED_FILE,
@@ -124,6 +125,7 @@ def run_plan(
     """The one loop: per model, train the pending runs group by group from one stream each
     (``train``), and evaluate each trained run without a row (``evaluate``). Raises a
     ``SignSAEError`` naming the runs whose training failed once all others are done."""
+    check_device(cfg.data.device)  # before anything is written
     inputs = inputs or Inputs(cfg.data)
     table = _start(cfg) if train else ResultsTable(Path(cfg.out_dir))
     every, failed = [], []
@@ -154,11 +156,11 @@ def run_plan(
                         table.add(evaluate_run(run, held, columns))
         distributed.barrier()
     if failed:
-        names = ", ".join(str(r.folder.relative_to(r.out_dir)) for r in failed)
+        why = "; ".join(f"{r.folder.relative_to(r.out_dir)}: {e}" for r, e in failed[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
         raise SignSAEError(
-            f"{len(failed)} run(s) failed (each folder's {FAILED_FILE} says why and at which "
-            f"step): {names}; the others finished. Change their settings, or rerun to retry "
-            "only these."
+            f"{len(failed)} run(s) failed, the others finished; rerun to retry only these, each "
+            f"folder's {FAILED_FILE} says why and at which step. {why}{more}"
         )
     return every, table
 
@@ -175,7 +177,7 @@ def groups(runs: list[Run], at_once: int) -> list[list[Run]]:
 
 def train_group(
     cfg: SweepConfig, inputs: Inputs, model: Any, group: list[Run], progress: bool = True
-) -> list[Run]:
+) -> list[tuple[Run, Exception]]:
     """Train (or resume, or reuse) every run of ``group`` from one stream into its folder:
     ``sae/`` and ``train.json`` (``checkpoint/`` while training). Returns the runs whose
     training failed, each with its ``failed.json``. The runs' lock files keep a second process
@@ -189,6 +191,7 @@ def train_group(
         todo = [r for r in group if not r.trained]
         if not todo:
             return []
+        memory.check(todo, data)
         stream = training_stream(cfg, name, model, inputs.tokens(model, "train"), todo)
         stream.check_supply(max(r.train.total_steps for r in todo), data.epochs)
         trainers = []
@@ -200,11 +203,13 @@ def train_group(
         where = ", ".join(sorted({r.hook for r in todo}))
         log.info("training %d SAE(s) at %s from one stream", len(todo), where)
         failed = []
-        for run, trainer, result in zip(
-            todo, trainers, train_together(trainers, progress=progress), strict=True
-        ):
+        try:
+            results = train_together(trainers, progress=progress)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise memory.out_of_memory(todo, data) from e
+        for run, trainer, result in zip(todo, trainers, results, strict=True):
             if isinstance(result, Exception):
-                failed.append(run)
+                failed.append((run, result))
                 if distributed.is_main():
                     why = {"step": trainer.step, "error": str(result)}
                     atomic_write_text(run.folder / FAILED_FILE, json.dumps(why, indent=1))
