@@ -51,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     # The polarity columns and the report come from the analyses package, which sits above
     # sign_sae; the command line is the one place that joins the two.
-    from analyses.report import render
+    from analyses.report import ReportOptions, render
     from analyses.sweep import run
     from sign_sae.models import load_model
 
@@ -63,21 +63,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nHeld-out metrics ({name}, {rows[0]['hook']}, {rows[0]['n_tokens']:,} tokens):\n")
     print(runs.format_table(rows))
     print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/runs/<model>/<hook>/<run>/sae")
-    report = render(cfg.out_dir, Path(cfg.out_dir) / "report.html", model=model)
+    report = render(cfg.out_dir, Path(cfg.out_dir) / "report.html", ReportOptions(model=model))
     print(f"Report (opens offline): {report}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     # the CLI is the one place that joins the two packages
-    from analyses.report import render, render_release
+    from analyses.report import ReportOptions, render, render_release
 
     if (args.run is None) == (args.release is None):
         raise SignSAEError("Give a run folder or --release NAME (one of the two).")
-    options = dict(latents=args.latents or None, n_latents=args.n_latents, n_tokens=args.tokens)
+    options = ReportOptions(
+        saes=(args.sae_id or None) if args.release is not None else None,
+        latents=args.latents or None,
+        n_latents=args.n_latents,
+        n_tokens=args.tokens,
+    )
     if args.release is not None:
-        path = render_release(args.release, args.out, args.sae_id or None, **options)
+        path = render_release(args.release, args.out, options)
     else:
-        path = render(args.run, args.out, **options)
+        path = render(args.run, args.out, options)
     print(f"Report (opens offline): {path}")
 
 

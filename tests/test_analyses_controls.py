@@ -217,11 +217,11 @@ def test_a_planted_dial_beats_random_directions_and_a_random_one_does_not(
     prompts = eval_tokens[:4, :16]
     _, cache = model.run_with_cache(prompts, names_filter=[hook])
     scale = cache[hook][:, 1:].norm(dim=-1).mean().item() / 4
-    alphas, targets = [-1.0, 1.0], ([t1], [t2])
-    controls = steering.random_dials(model, sae, alphas, prompts, targets, n=3, scale=scale)
+    spec = steering.DialSpec([-1.0, 1.0], prompts, scale=scale, targets=([t1], [t2]))
+    controls = steering.random_dials(model, sae, spec, n=3)
     ceiling = max(abs(d.at(a).specificity()[0]) for d in controls for a in (-1.0, 1.0))
     for latent, beats in ((0, True), (1, False)):
-        dial = steering.dial(model, sae, latent, alphas, prompts, scale=scale, targets=targets)
+        dial = steering.dial(model, sae, latent, spec)
         for a in (-1.0, 1.0):
             value, lo, hi = dial.at(a).specificity()
             assert lo <= value <= hi
