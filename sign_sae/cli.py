@@ -106,15 +106,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_frontier(args: argparse.Namespace) -> None:
     import json
 
-    from analyses import frontier  # the CLI is the one place that joins the two packages
-    from analyses.sweep import write_plots
+    from analyses import frontier, tables  # the CLI is the one place that joins the two packages
+    from analyses.frontier_plots import write_plots
     from sign_sae.runs import read_results
     from sign_sae.storage import atomic_write_text
 
     rows = read_results(args.results)
     result = frontier.analyse(rows, reference=args.reference, dead_floor=args.dead_floor)
     out = Path(args.out) if args.out else Path(args.results).parent
-    text = frontier.format_markdown(result)
+    text = tables.format_markdown(result)
     atomic_write_text(out / "frontier.md", text)
     atomic_write_text(out / "frontier.json", json.dumps(frontier.to_json(result), indent=1))
     write_plots(result, out)
