@@ -11,6 +11,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from analyses import logit_lens, steering
 from analyses.steering import Dial, DialComparison, DialSpec
+from sign_sae.errors import SignSAEError
 
 D, VOCAB = 8, 30
 LAST = "blocks.1.hook_resid_post"
@@ -64,7 +65,7 @@ def test_logit_lens_reads_planted_tokens() -> None:
     assert lens.pos_tokens[0] == "3"  # no tokenizer: the id as text
     assert logit_lens.LogitLens.from_dict(json.loads(json.dumps(lens.to_dict()))) == lens
     assert list(lens.to_dataframe().columns) == ["pos_token", "pos_logit", "neg_token", "neg_logit"]
-    with pytest.raises(ValueError, match="d_model"):
+    with pytest.raises(SignSAEError, match="d_model"):
         logit_lens.logit_lens(model, torch.ones(D + 1))
 
 
@@ -101,7 +102,7 @@ def test_add_hook_moves_by_amount_along_the_unit_direction() -> None:
     x = torch.zeros(1, 2, D)
     moved = steering.steering_hook(sae, 2, amount=-2.0, mode="add")(x, None)
     assert torch.allclose(moved[0, 1], -2.0 * basis()[2], atol=1e-6)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(SignSAEError, match="mode"):
         steering.steering_hook(sae, 0, 1.0, mode="scale")
 
 
@@ -149,7 +150,7 @@ def test_typical_scale() -> None:
     )
     sae = orthonormal_sae(basis()[:2] * 3.0)
     assert steering.typical_scale(c, sae, 0) == pytest.approx(2.0 * 3.0)
-    with pytest.raises(ValueError, match="never fired"):
+    with pytest.raises(SignSAEError, match="never fired"):
         steering.typical_scale(c, sae, 1)
 
 

@@ -19,6 +19,7 @@ from analyses.report.circuits import BOOT_JS, bundle, csp_hash, script_json
 from analyses.report.gather import controls, fronts
 from analyses.report.layout import Card, Example, Match, Report, SAESection
 from analyses.steering import Dial, DialPoint
+from sign_sae.errors import SignSAEError
 from sign_sae.runs import Source, SweepConfig, run_sweep
 
 HOSTILE = [
@@ -191,7 +192,7 @@ def test_render_sweep_from_csv_and_json(tmp_path) -> None:
         assert "R² vs L0" in html and html.count("<circle") >= 40
         assert "<th>sparsity</th>" in html and 'id="sae0"' not in html
     (tmp_path / "bad.json").write_text('{"r2": 1}')
-    with pytest.raises(ValueError, match="list of result rows"):
+    with pytest.raises(SignSAEError, match="list of result rows"):
         render_sweep(tmp_path / "bad.json", tmp_path / "bad.html")
 
 
@@ -265,7 +266,7 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
     sa_matches = [m.latent for m in report.saes[0].cards[0].matches]
     assert [c.latent for c in gated.cards] == sa_matches
     assert all(c.dial is None for c in gated.cards)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SignSAEError, match="out of range"):
         collect(run, replace(few, latents=[10_000]))
     with pytest.raises(FileNotFoundError, match="no sweep.yaml"):
         render(tmp_path, tmp_path / "x.html", few)
