@@ -139,8 +139,14 @@ def interpolate(
     extends the end segments instead (one point: its own y), for a score that must exist
     wherever the target lies (the fair benchmark's tuning score)."""
     at = np.atleast_1d(np.asarray(x, dtype=float))
-    t = np.array([math.log(v) if v > 0 else math.nan for v in at.tolist()])
-    lx, fy = np.array([math.log(v) for v in xs]), np.asarray(ys, dtype=float)
+    if np.ndim(x) == 0:  # one value: math.log, as exact as the scalar arithmetic it replaced
+        t = np.array([math.log(x) if x > 0 else math.nan])
+        lx = np.array([math.log(v) for v in xs])
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.log(np.where(at > 0, at, math.nan))
+        lx = np.log(np.asarray(xs, dtype=float))
+    fy = np.asarray(ys, dtype=float)
     if len(xs) < 2:
         y = np.full(at.shape, fy[0] if len(xs) else math.nan)
     else:
