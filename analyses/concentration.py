@@ -14,6 +14,7 @@ import torch
 
 from analyses.polarity import PolarityCensus
 from analyses.results import Result
+from sign_sae.errors import SignSAEError
 from sign_sae.metrics import BIPOLAR_BALANCE
 
 DEFAULT_K = (1, 5, 10, 50)
@@ -48,7 +49,7 @@ class Concentration(Result):
 def top_latents(census: PolarityCensus, k: Sequence[int] = DEFAULT_K) -> Concentration:
     """Share of all minority-sign mass held by the top-k latents ranked by minority mass."""
     if any(int(x) < 1 for x in k):
-        raise ValueError(f"k must be positive integers, got {list(k)}.")
+        raise SignSAEError(f"k must be positive integers, got {list(k)}.")
     m = census.minority_mass[census.alive]
     ids = census.alive.nonzero().squeeze(1)
     order = m.argsort(descending=True, stable=True)

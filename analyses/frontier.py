@@ -7,7 +7,8 @@ Definitions (docs/sweep-cpu.md states them too):
   spread (min, max) kept. The frontier is the Pareto-efficient subset (``pareto``): sorted by
   L0, a point is kept when its R^2 is above that of every point of lower L0 (of points with
   equal L0, only the best).
-- Between frontier points R^2 is interpolated linearly in log L0; outside them it is undefined.
+- Between frontier points R^2 is interpolated linearly in log L0 (``interpolate``); outside them
+  it is undefined (NaN).
 - Over the overlapping L0 range of two curves, curve A strictly dominates curve B when
   R^2_A(L0) > R^2_B(L0) at every L0 of the overlap. The difference of two such piecewise-linear
   functions is linear between the union of their breakpoints, so checking every breakpoint and
@@ -20,7 +21,8 @@ Definitions (docs/sweep-cpu.md states them too):
 - A run has collapsed when R^2 < 0.1 or its dead fraction > 0.9.
 
 The rows are those of a sweep's results table (``sign_sae.runs``, with the polarity columns of
-``analyses.sweep``); ``format_markdown`` writes the paper's comparison tables from ``analyse``.
+``analyses.sweep``). This module computes; ``analyses.tables`` writes the paper's comparison
+tables from ``analyse``'s result and ``analyses.frontier_plots`` its figures.
 """
 
 import math
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from sign_sae.markdown import markdown_table
+import numpy as np
 
 GRID_POINTS = 256
 COLLAPSE_R2 = 0.1
@@ -40,7 +42,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class Point:
+class CurvePoint:
     """One sparsity setting of a curve: means over seeds and the seed spread of R^2 and L0."""
 
     sparsity: float
@@ -59,11 +61,11 @@ class Curve:
     """The points of one label in one cell, sorted by L0, and its Pareto frontier."""
 
     label: str
-    points: list[Point]
+    points: list[CurvePoint]
     d_sae: int = 0
 
     @property
-    def frontier(self) -> list[Point]:
+    def frontier(self) -> list[CurvePoint]:
         """The Pareto points, sorted by L0."""
         return pareto(self.points, key=lambda p: (p.l0, p.r2))
 
@@ -126,22 +128,37 @@ def pareto(items: Iterable[T], key: Callable[[T], tuple[float, float]]) -> list[
     return front
 
 
-def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """y at ``x`` by linear interpolation in log x between sorted ``xs``; NaN outside them."""
-    if not xs or x <= 0 or x < xs[0] * (1 - 1e-12) or x > xs[-1] * (1 + 1e-12):
-        return float("nan")
-    if len(xs) == 1:
-        return float(ys[0])
-    lx = math.log(x)
-    for i in range(len(xs) - 1):
-        x0, x1 = xs[i], xs[i + 1]
-        if x <= x1 * (1 + 1e-12) or i == len(xs) - 2:
-            if x1 == x0:
-                return float(ys[i + 1])
-            t = (lx - math.log(x0)) / (math.log(x1) - math.log(x0))
-            t = min(max(t, 0.0), 1.0)
-            return float(ys[i] + t * (ys[i + 1] - ys[i]))
-    raise AssertionError("unreachable")
+def interpolate(
+    xs: Sequence[float], ys: Sequence[float], x: float | np.ndarray, extend: bool = False
+) -> float | np.ndarray:
+    """y at ``x`` (a number or an array) by linear interpolation in log x between the points
+    (``xs`` sorted and > 0): the one interpolation in L0 of the toolkit.
+
+    Outside ``[xs[0], xs[-1]]`` the value is NaN, since a curve says nothing beyond its ends (a
+    relative 1e-12 at either end absorbs rounding and gives the end value). ``extend=True``
+    extends the end segments instead (one point: its own y), for a score that must exist
+    wherever the target lies (the fair benchmark's tuning score)."""
+    at = np.atleast_1d(np.asarray(x, dtype=float))
+    if np.ndim(x) == 0:  # one value: math.log, as exact as the scalar arithmetic it replaced
+        t = np.array([math.log(x) if x > 0 else math.nan])
+        lx = np.array([math.log(v) for v in xs])
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.log(np.where(at > 0, at, math.nan))
+        lx = np.log(np.asarray(xs, dtype=float))
+    fy = np.asarray(ys, dtype=float)
+    if len(xs) < 2:
+        y = np.full(at.shape, fy[0] if len(xs) else math.nan)
+    else:
+        i = np.clip(np.searchsorted(lx, t) - 1, 0, len(xs) - 2)
+        dx = lx[i + 1] - lx[i]
+        w = np.divide(t - lx[i], dx, out=np.ones_like(t), where=dx > 0)
+        y = fy[i] + (w if extend else np.clip(w, 0.0, 1.0)) * (fy[i + 1] - fy[i])
+    if not extend:
+        lo, hi = (xs[0] * (1 - 1e-12), xs[-1] * (1 + 1e-12)) if len(xs) else (1.0, 0.0)
+        y = np.where((at >= lo) & (at <= hi), y, math.nan)
+    y = np.where(np.isnan(t), math.nan, y)
+    return float(y[0]) if np.ndim(x) == 0 else y
 
 
 def overlap(a: Curve, b: Curve) -> tuple[float, float] | None:
@@ -163,7 +180,7 @@ def check_points(a: Curve, b: Curve, span: tuple[float, float]) -> list[float]:
     return sorted(pts)
 
 
-def compare(a: Curve, b: Curve, dead_floor: float | None = None) -> Comparison:
+def compare_curves(a: Curve, b: Curve, dead_floor: float | None = None) -> Comparison:
     """Dominance of ``a`` over ``b``, the R^2 gap range and the dead fractions at the overlap's
     geometric middle."""
     span = overlap(a, b)
@@ -211,7 +228,7 @@ def curves(rows: Iterable[Row]) -> dict[str, Curve]:
             r2 = [float(r["r2"]) for r in rs]
             l0 = [float(r["l0"]) for r in rs]
             pts.append(
-                Point(
+                CurvePoint(
                     sparsity=sparsity,
                     l0=_mean(l0),
                     r2=_mean(r2),
@@ -254,7 +271,7 @@ def analyse_cell(
         for label, other in cs.items():
             if label == reference:
                 continue
-            comps.append(compare(ref, other, dead_floor))
+            comps.append(compare_curves(ref, other, dead_floor))
             floor = dead_floor if dead_floor is not None else 0.5 / max(ref.d_sae, other.d_sae)
             ratios[label] = geomean_dead(
                 (r for r in plain if r["label"] == label), floor
@@ -404,202 +421,3 @@ def _num(v: Any) -> float | None:
 def _mean(values: Iterable[float]) -> float:
     vs = list(values)
     return sum(vs) / len(vs)
-
-
-# ---- Markdown: the paper's tables ---------------------------------------------------------------
-def format_markdown(result: dict[str, Any]) -> str:
-    """``analyse``'s result as Markdown: one titled table per comparison (optional tables left
-    out when empty)."""
-    sections = [
-        _points_section(result),
-        _comparisons_section(result),
-        _dead_ratio_section(result),
-        _ablations_section(result),
-        _collapsed_section(result),
-        _parameters_section(result),
-        _polarity_section(result),
-    ]
-    return "\n\n".join(s for s in sections if s is not None) + "\n"
-
-
-def _section(title: str, body: str) -> str:
-    return f"### {title}\n\n{body}"
-
-
-def _points_section(result: dict[str, Any]) -> str:
-    head = ["cell", "label", "sparsity", "seeds", "L0", "R^2", "R^2 range", "L0 range", "dead"]
-    rows = [
-        [
-            _cell_name(c),
-            label,
-            f"{p.sparsity:g}",
-            p.n_seeds,
-            f"{p.l0:.1f}",
-            f"{p.r2:.3f}",
-            f"{p.r2_min:.3f} to {p.r2_max:.3f}" if p.n_seeds > 1 else "",
-            f"{p.l0_min:.1f} to {p.l0_max:.1f}" if p.n_seeds > 1 else "",
-            f"{p.dead_fraction:.3f}",
-        ]
-        for c in result["cells"]
-        for label, curve in sorted(c.curves.items())
-        for p in curve.points
-    ]
-    return _section(
-        "Curve points (means over seeds; ranges over seeds)", markdown_table(head, rows)
-    )
-
-
-def _comparisons_section(result: dict[str, Any]) -> str:
-    ref = result["reference"]
-    head = [
-        "cell", "vs", "L0 overlap", "dominates", "min gap", "max gap", "L0 mid", f"dead {ref}",
-        "dead other", "dead ratio at mid", "dead ratio (sweep geomean)",
-    ]  # fmt: skip
-    rows = [
-        [
-            _cell_name(c),
-            k.b,
-            _span(k.overlap),
-            _yes(k.dominates),
-            _f(k.min_gap, "+.3f"),
-            _f(k.max_gap, "+.3f"),
-            _f(k.l0_mid, ".1f"),
-            _f(k.dead_a_mid, ".3f"),
-            _f(k.dead_b_mid, ".3f"),
-            _f(k.dead_ratio_mid, ".2f"),
-            _f(c.dead_ratio_sweep.get(k.b), ".2f"),
-        ]
-        for c in result["cells"]
-        for k in c.comparisons
-    ]
-    title = f"{ref} against each curve over the overlapping L0 range"
-    return _section(title, markdown_table(head, rows))
-
-
-def _dead_ratio_section(result: dict[str, Any]) -> str | None:
-    ratios = result["dead_ratio_geomean"]
-    if not ratios:
-        return None
-    rows = [[k, f"{v:.2f}"] for k, v in sorted(ratios.items())]
-    return _section(
-        "Dead-fraction ratio (other / reference), geometric mean over cells",
-        markdown_table(["vs", "ratio"], rows),
-    )
-
-
-def _ablations_section(result: dict[str, Any]) -> str | None:
-    if not result["ablations"]:
-        return None
-    head = [
-        "cell", "ablation", "of", "sparsity", "seed", "d_sae", "R^2", "L0", "dead", "CE rec.",
-        "KL", "ref R^2", "ref dead", "ref CE rec.", "ref KL", "abs dR^2", "collapsed",
-    ]  # fmt: skip
-    rows = [
-        [
-            f"{a['model']} {a['hook']}",
-            a["label"],
-            a["reference"],
-            f"{a['sparsity']:g}",
-            a["seed"],
-            a["d_sae"],
-            f"{a['r2']:.3f}",
-            f"{a['l0']:.1f}",
-            f"{a['dead_fraction']:.3f}",
-            _f(a["ce_loss_recovered"], ".3f"),
-            _f(a["kl_with_sae"], ".3f"),
-            _f(a["ref_r2"], ".3f"),
-            _f(a["ref_dead_fraction"], ".3f"),
-            _f(a["ref_ce_loss_recovered"], ".3f"),
-            _f(a["ref_kl_with_sae"], ".3f"),
-            _f(a["abs_delta_r2"], ".4f"),
-            _yes(a["collapsed"]),
-        ]
-        for a in result["ablations"]
-    ]
-    return _section(
-        "Ablations (each beside its reference run: same cell, sparsity, seed)",
-        markdown_table(head, rows),
-    )
-
-
-def _collapsed_section(result: dict[str, Any]) -> str:
-    head = ["cell", "label", "sparsity", "seed", "R^2", "dead"]
-    rows = [
-        [
-            f"{r['model']} {r['hook']}",
-            r["label"],
-            f"{float(r['sparsity']):g}",
-            r["seed"],
-            f"{float(r['r2']):.3f}",
-            f"{float(r['dead_fraction']):.3f}",
-        ]
-        for r in result["collapsed"]
-    ]
-    return _section(
-        f"Collapsed runs (R^2 < {COLLAPSE_R2} or dead > {COLLAPSE_DEAD})",
-        markdown_table(head, rows) if rows else "none",
-    )
-
-
-def _parameters_section(result: dict[str, Any]) -> str:
-    head = [
-        "cell",
-        "label",
-        "architecture",
-        "d_in",
-        "d_sae",
-        "parameters",
-        f"/ {result['reference']}",
-    ]
-    rows = [
-        [
-            f"{p['model']} {p['hook']}",
-            p["label"],
-            p["architecture"],
-            p["d_in"],
-            p["d_sae"],
-            f"{p['n_params']:,}",
-            _f(p["vs_reference"], ".3f"),
-        ]
-        for p in result["parameters"]
-    ]
-    return _section("Parameters", markdown_table(head, rows))
-
-
-def _polarity_section(result: dict[str, Any]) -> str | None:
-    if not result["polarity"]:
-        return None
-    head = [
-        "cell", "label", "sparsity", "seed", "L0", "bipolar", "bipolar (sign-flip null)",
-        "top-1 share", "top-10 share", "minority mass",
-    ]  # fmt: skip
-    rows = [
-        [
-            f"{p['model']} {p['hook']}",
-            p["label"],
-            f"{float(p['sparsity']):g}",
-            p["seed"],
-            f"{float(p['l0']):.1f}",
-            *(_f(_num(p[c]), ".3f") for c in POLARITY_COLUMNS),
-        ]
-        for p in result["polarity"]
-    ]
-    return _section(
-        "Polarity of the signed runs (held-out census, balance >= 0.1)", markdown_table(head, rows)
-    )
-
-
-def _cell_name(c: CellReport) -> str:
-    return f"{c.model} {c.hook}"
-
-
-def _span(s: tuple[float, float] | None) -> str:
-    return "none" if s is None else f"{s[0]:.1f}-{s[1]:.1f}"
-
-
-def _yes(v: bool | None) -> str:
-    return "-" if v is None else ("yes" if v else "no")
-
-
-def _f(v: float | None, spec: str) -> str:
-    return "-" if v is None or not math.isfinite(v) else format(v, spec)

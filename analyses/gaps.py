@@ -4,7 +4,8 @@ A curve here maps each sparsity setting to the held-out ``SequenceStats`` of its
 run evaluated on the same held-out sequences). Its points are R^2 and L0 averaged over seeds;
 its frontier is their Pareto front (``analyses.frontier.pareto``). Between frontier points R^2 is
 interpolated in log L0, either linearly (``log_linear``) or by a monotone cubic (``pchip``,
-scipy's PchipInterpolator), and is undefined outside them. The gap of A over B is
+scipy's PchipInterpolator), and is undefined (NaN) outside them, as ``analyses.frontier.interpolate``
+says. The gap of A over B is
 R^2_A(L0) - R^2_B(L0) over the overlap of their L0 ranges, checked at both ends, every
 breakpoint inside and ``GRID_POINTS`` log-spaced L0 values; ``min_gap`` and ``max_gap`` are its
 extremes and ``mean_gap`` its mean over the log-spaced values (uniform in log L0).
@@ -28,13 +29,14 @@ import numpy as np
 import torch
 from scipy.interpolate import PchipInterpolator
 
-from analyses.frontier import pareto
+from analyses.frontier import GRID_POINTS, interpolate, pareto
+from sign_sae.errors import SignSAEError
 from sign_sae.metrics import SequenceStats
 
 INTERPOLATIONS = ("log_linear", "pchip")
-GRID_POINTS = 256
 
-Curve = Mapping[float, Sequence[SequenceStats]]  # sparsity setting -> one entry per seed
+# The runs of one curve: sparsity setting -> the SequenceStats of each seed.
+SettingRuns = Mapping[float, Sequence[SequenceStats]]
 
 
 @dataclass
@@ -65,8 +67,11 @@ class Gap:
         return "matches"
 
 
-def frontier_points(curve: Curve, weights: torch.Tensor | None = None,
-                    seeds: Mapping[float, Sequence[int]] | None = None) -> list[tuple[float, float]]:  # fmt: skip
+def frontier_points(
+    curve: SettingRuns,
+    weights: torch.Tensor | None = None,
+    seeds: Mapping[float, Sequence[int]] | None = None,
+) -> list[tuple[float, float]]:
     """The Pareto frontier ``[(L0, R^2)]`` of a curve: per setting the mean over its seeds
     (``seeds`` picks which, with repeats), every run's sequences weighted by ``weights``."""
     points = []
@@ -93,22 +98,20 @@ def gap_range(
 
 
 def r2_at(frontier: list[tuple[float, float]], x: np.ndarray, interpolation: str) -> np.ndarray:
-    """R^2 of a frontier at L0 values inside its range (clipped to it against rounding)."""
-    lx = np.log([p[0] for p in frontier])
-    ys = np.array([p[1] for p in frontier])
-    t = np.clip(np.log(x), lx[0], lx[-1])
-    if len(frontier) == 1:
-        return np.full_like(t, ys[0])
-    if interpolation == "log_linear":
-        return np.interp(t, lx, ys)
-    if interpolation == "pchip":
-        return PchipInterpolator(lx, ys)(t)
-    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    """R^2 of a frontier at the L0 values ``x``; NaN outside its L0 range."""
+    if interpolation not in INTERPOLATIONS:
+        raise SignSAEError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    xs, ys = [p[0] for p in frontier], [p[1] for p in frontier]
+    linear = interpolate(xs, ys, x)  # NaN outside; pchip keeps its values where this is not
+    if interpolation == "log_linear" or len(frontier) == 1:
+        return linear
+    t = np.clip(np.log(x), math.log(xs[0]), math.log(xs[-1]))  # inside, against rounding
+    return np.where(np.isnan(linear), np.nan, PchipInterpolator(np.log(xs), ys)(t))
 
 
 def bootstrap_gap(
-    a: Curve,
-    b: Curve,
+    a: SettingRuns,
+    b: SettingRuns,
     names: tuple[str, str] = ("a", "b"),
     interpolation: str = "log_linear",
     n_boot: int = 1000,
@@ -117,10 +120,12 @@ def bootstrap_gap(
 ) -> Gap:
     """The gap of curve ``a`` over curve ``b`` with paired bootstrap intervals (module doc)."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+        raise SignSAEError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
     n_seq = {s.n_tokens.shape[0] for c in (a, b) for runs in c.values() for s in runs}
     if len(n_seq) != 1:
-        raise ValueError(f"Every run must be evaluated on the same sequences; got {sorted(n_seq)}.")
+        raise SignSAEError(
+            f"Every run must be evaluated on the same sequences; got {sorted(n_seq)}."
+        )
     (n,) = n_seq
     overlap, *point = gap_range(frontier_points(a), frontier_points(b), interpolation)
     g = torch.Generator().manual_seed(seed)
@@ -143,6 +148,6 @@ def bootstrap_gap(
     return Gap(*names, interpolation, overlap, *point, *cis, len(draws))
 
 
-def _draw_seeds(curve: Curve, g: torch.Generator) -> dict[float, list[int]]:
+def _draw_seeds(curve: SettingRuns, g: torch.Generator) -> dict[float, list[int]]:
     """Per setting, its seeds' indices drawn with replacement."""
     return {s: torch.randint(len(r), (len(r),), generator=g).tolist() for s, r in curve.items()}

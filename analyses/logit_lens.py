@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from analyses.results import Result
+from sign_sae.errors import SignSAEError
 
 
 @dataclass(eq=False)
@@ -46,7 +47,7 @@ def direction_logits(model: Any, direction: torch.Tensor) -> torch.Tensor:
     W_U = model.W_U
     d = direction.detach().to(W_U)
     if d.shape != (W_U.shape[0],):
-        raise ValueError(
+        raise SignSAEError(
             f"The direction has shape {tuple(d.shape)}; the logit lens needs a residual-stream "
             f"vector of size d_model={W_U.shape[0]}."
         )

@@ -18,6 +18,7 @@ import torch
 
 from analyses.results import Result
 from analyses.stream import hook_activations, latent_batches, sae_hook
+from sign_sae.errors import SignSAEError
 
 MAX_CANDIDATES = 1_000_000
 _CELLS_PER_CHUNK = 1 << 24  # bounds [tokens, candidates] temporaries
@@ -85,11 +86,11 @@ def antipodal_pairs(
     batches, used as given), or neither (decoder geometry only, no co-firing filter).
     """
     if not -1.0 <= cos_threshold < 0.0:
-        raise ValueError(
+        raise SignSAEError(
             f"cos_threshold must be in [-1, 0) for opposite directions, got {cos_threshold}."
         )
     if (model is None) != (tokens is None) or (model is not None and activations is not None):
-        raise ValueError("Pass model and tokens, or activations, or neither.")
+        raise SignSAEError("Pass model and tokens, or activations, or neither.")
     ii, jj, cos = opposite_candidates(sae.W_dec, cos_threshold, block_size)
     n_candidates = int(ii.numel())
     if model is not None:
@@ -169,7 +170,7 @@ def correspondence(
     control: ``random_directions``) to its best +d and -d latents of ``sae`` and, with
     ``activations`` (batches as in ``antipodal_pairs``, used as given), their co-firing."""
     if directions.ndim != 2 or directions.shape[1] != sae.W_dec.shape[1]:
-        raise ValueError(
+        raise SignSAEError(
             f"directions must be [n, {sae.W_dec.shape[1]}] (the SAE's d_in), "
             f"got {tuple(directions.shape)}."
         )
@@ -210,7 +211,7 @@ def opposite_candidates(
         found.append((rows + start, cols, sim[rows, cols]))
         total += rows.numel()
         if total > MAX_CANDIDATES:
-            raise ValueError(
+            raise SignSAEError(
                 f"More than {MAX_CANDIDATES} latent pairs have cos <= {cos_threshold}; "
                 "use a more negative cos_threshold."
             )

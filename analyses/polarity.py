@@ -17,6 +17,7 @@ import torch
 
 from analyses.results import Result
 from analyses.stream import hook_activations, latent_batches, sae_hook
+from sign_sae.errors import SignSAEError
 from sign_sae.metrics import BIPOLAR_BALANCE, LatentStats, balance
 
 MAX_TOP_EXAMPLES = 100
@@ -145,7 +146,7 @@ class PolarityCensus(Result):
         """Top (sequence index, position, value) of one sign; needs ``top_examples > 0``."""
         top = self.top_pos if sign == "+" else self.top_neg
         if top is None:
-            raise ValueError("This census kept no examples; rerun it with top_examples=k.")
+            raise SignSAEError("This census kept no examples; rerun it with top_examples=k.")
         return top.of(latent)
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -168,7 +169,7 @@ class PolarityCensus(Result):
             return self.alive
         if among == "all":
             return torch.ones_like(self.alive)
-        raise ValueError(f"among must be 'alive' or 'all', got {among!r}.")
+        raise SignSAEError(f"among must be 'alive' or 'all', got {among!r}.")
 
 
 def census(
@@ -203,7 +204,7 @@ def census_from_activations(
     """The census over precomputed activation batches (``[batch, seq, d_in]`` or
     ``[tokens, d_in]``; for the latter each token is its own sequence at position 0)."""
     if not 0 <= top_examples <= MAX_TOP_EXAMPLES:
-        raise ValueError(f"top_examples must be in [0, {MAX_TOP_EXAMPLES}], got {top_examples}.")
+        raise SignSAEError(f"top_examples must be in [0, {MAX_TOP_EXAMPLES}], got {top_examples}.")
     d_sae = sae.cfg.d_sae
     stats = LatentStats(d_sae)
     tops = [_Top(d_sae, top_examples) for _ in range(2)] if top_examples else []

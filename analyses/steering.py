@@ -1,6 +1,8 @@
 """Steering dials: does one latent act as a bidirectional causal dial on the model's output?
 
-For each alpha the model runs on the prompts with the SAE's hook edited at every position:
+A ``DialSpec`` says how a sweep runs (alphas, prompts, mode, scale, targets); ``dial``,
+``compare_dial`` and ``random_dials`` run the same spec on a latent, on a pair of non-negative
+latents and on random directions. For each alpha the model runs on the prompts with the SAE's hook edited at every position:
 
 - ``"add"``: x <- x + alpha * scale * u, with u = W_dec[i] / ||W_dec[i]|| (unit decoder direction);
 - ``"clamp"``: the latent is set inside the SAE, spliced with its error term so nothing else
@@ -8,7 +10,7 @@ For each alpha the model runs on the prompts with the SAE's hook edited at every
   ||W_dec[i]||. Both modes move the hook by alpha * scale along u (add: on top of the latent's own
   contribution; clamp: replacing it; alpha = 0 in clamp mode ablates the latent).
 
-``scale`` fixes the units of alpha: 1.0 (default) means hook-space norm; ``typical_scale(census,
+The spec's ``scale`` fixes the units of alpha: 1.0 (default) means hook-space norm; ``typical_scale(census,
 sae, i)`` makes alpha = 1 one typical firing of latent i. Measured per alpha, averaged over all
 positions of all prompts: KL(clean || steered) of next-token distributions, the change in
 log-prob of target tokens T+ and T-, effect = shift(T+) - shift(T-), and the tokens most promoted
@@ -24,7 +26,6 @@ tokens that follow the latent's strongest firings of each sign), and ``random_di
 norm-matched random directions against the same targets: the control that can fail.
 """
 
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from analyses.pairs import matching_pair
 from analyses.polarity import PolarityCensus
 from analyses.results import Result
 from analyses.stream import sae_hook
+from sign_sae.errors import SignSAEError
+from sign_sae.models import block_entry, block_of
 
 Mode = Literal["add", "clamp"]
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -46,6 +49,31 @@ HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
 Prompts = Sequence[str | torch.Tensor] | torch.Tensor
 # (T+ token ids, T- token ids)
 Targets = tuple[Sequence[int], Sequence[int]]
+
+
+@dataclass(frozen=True, eq=False)
+class DialSpec:
+    """How a steering sweep runs, the same for a latent's dial and for its controls.
+
+    ``alphas`` are in units of ``scale`` (1.0: hook-space norm; ``typical_scale``: one typical
+    firing of the latent). ``prompts``: strings (given a BOS token) or token rows; rows of equal
+    length run as one batch. ``targets`` = (T+ ids, T- ids) fixed beforehand (see
+    ``context_targets``); None: the logit lens of the steered direction picks ``k_tokens`` a
+    side. Each point keeps the ``k_tokens`` most promoted and suppressed tokens, and greedy
+    continuations of ``max_new_tokens`` tokens (0: none)."""
+
+    alphas: Sequence[float]
+    prompts: Prompts
+    mode: Mode = "add"
+    scale: float = 1.0
+    targets: Targets | None = None
+    k_tokens: int = 10
+    max_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("add", "clamp"):
+            raise SignSAEError(f"mode must be 'add' or 'clamp', got {self.mode!r}.")
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
 
 
 @dataclass(eq=False)
@@ -99,7 +127,7 @@ class Dial(Result):
         for p in self.points:
             if p.alpha == float(alpha):
                 return p
-        raise ValueError(
+        raise SignSAEError(
             f"alpha {alpha} was not measured; measured: {[p.alpha for p in self.points]}."
         )
 
@@ -129,41 +157,14 @@ class DialComparison(Result):
         )
 
 
-def dial(
-    model: Any,
-    sae: Any,
-    latent: int,
-    alphas: Sequence[float],
-    prompts: Prompts,
-    mode: Mode = "add",
-    max_new_tokens: int = 0,
-    scale: float = 1.0,
-    k_tokens: int = 10,
-    targets: Targets | None = None,
-) -> Dial:
-    """Steer one latent over ``alphas`` on ``prompts`` (strings, given a BOS token, or token
-    rows; rows of equal length run as one batch) and measure the dial; ``max_new_tokens`` > 0
-    adds greedy continuations. ``targets`` = (T+ ids, T- ids) fixed beforehand (see
-    ``context_targets``); without them the logit lens of +-u picks them."""
-    pos_ids, neg_ids = _targets(model, unit_direction(sae, latent), targets, k_tokens)
+def dial(model: Any, sae: Any, latent: int, spec: DialSpec) -> Dial:
+    """Steer one latent as ``spec`` says and measure the dial."""
+    ids = _targets(model, unit_direction(sae, latent), spec.targets, spec.k_tokens)
 
     def steer(alpha: float) -> HookFn:
-        return steering_hook(sae, latent, alpha * scale, mode)
+        return steering_hook(sae, latent, alpha * spec.scale, spec.mode)
 
-    return _sweep(
-        model,
-        sae_hook(sae),
-        [latent],
-        mode,
-        scale,
-        steer,
-        pos_ids,
-        neg_ids,
-        alphas,
-        prompts,
-        max_new_tokens,
-        k_tokens,
-    )
+    return _sweep(model, spec, sae_hook(sae), [latent], steer, ids)
 
 
 def compare_dial(
@@ -171,90 +172,52 @@ def compare_dial(
     signed_sae: Any,
     latent: int,
     gated_sae: Any,
+    spec: DialSpec,
     pair: tuple[int, int] | None = None,
-    *,
-    alphas: Sequence[float],
-    prompts: Prompts,
-    mode: Mode = "add",
-    max_new_tokens: int = 0,
-    scale: float = 1.0,
-    k_tokens: int = 10,
-    targets: Targets | None = None,
 ) -> DialComparison:
     """``dial`` for a signed latent and for the pair (a, b) of non-negative latents that best
     match +d and -d (``pairs.matching_pair`` unless ``pair`` is given): alpha >= 0 steers
-    +alpha on a, alpha < 0 steers +|alpha| on b. With ``targets`` both dials score the same
-    tokens; without, the pair's T+ / T- are the logit-lens tokens of d_a / d_b."""
-    signed = dial(
-        model, signed_sae, latent, alphas, prompts, mode, max_new_tokens, scale, k_tokens, targets
-    )
+    +alpha on a, alpha < 0 steers +|alpha| on b. With ``spec.targets`` both dials score the
+    same tokens; without, the pair's T+ / T- are the logit-lens tokens of d_a / d_b."""
+    signed = dial(model, signed_sae, latent, spec)
     a, b = pair if pair is not None else matching_pair(signed_sae, latent, gated_sae)
 
     def steer(alpha: float) -> HookFn:
-        return steering_hook(gated_sae, a if alpha >= 0 else b, abs(alpha) * scale, mode)
+        return steering_hook(gated_sae, a if alpha >= 0 else b, abs(alpha) * spec.scale, spec.mode)
 
-    if targets is not None:
-        pos_ids, neg_ids = _targets(model, None, targets, k_tokens)
+    if spec.targets is not None:
+        ids = _targets(model, None, spec.targets, spec.k_tokens)
     else:
-        pos_ids = direction_logits(model, unit_direction(gated_sae, a)).topk(k_tokens).indices
-        neg_ids = direction_logits(model, unit_direction(gated_sae, b)).topk(k_tokens).indices
-    paired = _sweep(
-        model,
-        sae_hook(gated_sae),
-        [a, b],
-        mode,
-        scale,
-        steer,
-        pos_ids,
-        neg_ids,
-        alphas,
-        prompts,
-        max_new_tokens,
-        k_tokens,
-    )
+        k = spec.k_tokens
+        ids = (
+            direction_logits(model, unit_direction(gated_sae, a)).topk(k).indices,
+            direction_logits(model, unit_direction(gated_sae, b)).topk(k).indices,
+        )
+    paired = _sweep(model, spec, sae_hook(gated_sae), [a, b], steer, ids)
     return DialComparison(signed, paired)
 
 
-def random_dials(
-    model: Any,
-    sae: Any,
-    alphas: Sequence[float],
-    prompts: Prompts,
-    targets: Targets,
-    n: int = 3,
-    seed: int = 0,
-    scale: float = 1.0,
-) -> list[Dial]:
-    """The control for ``dial(..., mode="add", targets=targets)``: the same sweep along ``n``
-    random unit directions of the hook (norm-matched: alpha * scale moves the hook by the same
-    amount) scored on the same targets. A latent is a dial only where it beats these."""
+def random_dials(model: Any, sae: Any, spec: DialSpec, n: int = 3, seed: int = 0) -> list[Dial]:
+    """The control for ``dial(model, sae, latent, spec)``: the same sweep along ``n`` random
+    unit directions of the hook (norm-matched: alpha * scale moves the hook by the same amount)
+    scored on the same ``spec.targets``. A latent is a dial only where it beats these."""
+    if spec.targets is None or spec.mode != "add":
+        raise SignSAEError(
+            "Random directions are added and scored on targets fixed beforehand: give the spec "
+            "mode='add' and targets=context_targets(...)."
+        )
     gen = torch.Generator().manual_seed(seed)
     d = sae.W_dec.shape[1]
-    pos_ids, neg_ids = _targets(model, None, targets, 0)
+    ids = _targets(model, None, spec.targets, 0)
     out = []
     for _ in range(n):
         r = torch.randn(d, generator=gen)
         v = (r / r.norm()).to(sae.W_dec)
 
         def steer(alpha: float, v: torch.Tensor = v) -> HookFn:
-            return _add_hook(alpha * scale * v)
+            return _add_hook(alpha * spec.scale * v)
 
-        out.append(
-            _sweep(
-                model,
-                sae_hook(sae),
-                [],
-                "add",
-                scale,
-                steer,
-                pos_ids,
-                neg_ids,
-                alphas,
-                prompts,
-                0,
-                10,
-            )
-        )
+        out.append(_sweep(model, spec, sae_hook(sae), [], steer, ids))
     return out
 
 
@@ -284,7 +247,7 @@ def context_targets(
     pos = [t for t in pos if plus[t] > minus[t]][:k]
     neg = [t for t in neg if minus[t] > plus[t]][:k]
     if not pos or not neg:
-        raise ValueError(
+        raise SignSAEError(
             f"Latent {latent} has no context targets on one side (fired + {len(plus)} / "
             f"- {len(minus)} distinct next tokens); pick a latent that fires with both signs."
         )
@@ -302,7 +265,7 @@ def ratio_interval(
     interval over the items: (value, low, high); NaN where the denominator is 0."""
     x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if x.size == 0 or x.size != y.size:
-        raise ValueError(f"Need equal, non-empty samples, got {x.size} and {y.size}.")
+        raise SignSAEError(f"Need equal, non-empty samples, got {x.size} and {y.size}.")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(n_boot, x.size))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -323,7 +286,7 @@ def typical_scale(census: PolarityCensus, sae: Any, latent: int) -> float:
     typical firing, so that alpha = 1 means "as strong as usual"."""
     n = int(census.n_fired[latent])
     if n == 0:
-        raise ValueError(f"Latent {latent} never fired in this census; it has no typical scale.")
+        raise SignSAEError(f"Latent {latent} never fired in this census; it has no typical scale.")
     mass = float(census.mass_pos[latent] + census.mass_neg[latent])
     return mass / n * float(sae.W_dec[latent].detach().norm())
 
@@ -365,7 +328,7 @@ def steering_hook(sae: Any, latent: int, amount: float, mode: Mode) -> HookFn:
             return act + (sae.decode(edited) - sae.decode(f)).to(act)
 
         return clamp
-    raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
+    raise SignSAEError(f"mode must be 'add' or 'clamp', got {mode!r}.")
 
 
 def _add_hook(v: torch.Tensor) -> HookFn:
@@ -384,35 +347,31 @@ def _targets(
         return lens.topk(k).indices, (-lens).topk(k).indices
     pos, neg = (torch.as_tensor(list(t), dtype=torch.long) for t in targets)
     if pos.numel() == 0 or neg.numel() == 0:
-        raise ValueError("targets must name at least one token on each side.")
+        raise SignSAEError("targets must name at least one token on each side.")
     return pos, neg
 
 
 def _sweep(
     model: Any,
+    spec: DialSpec,
     hook: str,
     latents: list[int],
-    mode: Mode,
-    scale: float,
     steer: Callable[[float], HookFn],
-    pos_ids: torch.Tensor,
-    neg_ids: torch.Tensor,
-    alphas: Sequence[float],
-    prompts: Prompts,
-    max_new_tokens: int,
-    k_tokens: int,
+    ids: tuple[torch.Tensor, torch.Tensor],
 ) -> Dial:
-    if mode not in ("add", "clamp"):
-        raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}.")
-    groups = _by_length(_prompt_rows(model, prompts))
+    """The dial of ``steer`` (alpha -> the hook function) at ``hook``, run as ``spec`` says and
+    scored on the target token ids ``ids`` = (T+, T-)."""
+    pos_ids, neg_ids = ids
+    max_new_tokens, k_tokens = spec.max_new_tokens, spec.k_tokens
+    groups = _by_length(_prompt_rows(model, spec.prompts))
     n_prompts = sum(len(idx) for idx, _ in groups)
     owner = torch.cat([torch.tensor(idx).repeat_interleave(b.shape[1]) for idx, b in groups])
     with torch.inference_mode():
         clean_logits, run = _from_hook_block(model, hook, [b for _, b in groups])
         clean = _log_probs(clean_logits)
         points = []
-        for alpha in alphas:
-            fwd = [(hook, steer(float(alpha)))]
+        for alpha in spec.alphas:
+            fwd = [(hook, steer(alpha))]
             logits = run(fwd)
             steered = _log_probs(logits)
             kl_pos = (clean.exp() * (clean - steered)).sum(-1)
@@ -432,7 +391,7 @@ def _sweep(
                         texts[i] = text
             points.append(
                 DialPoint(
-                    alpha=float(alpha),
+                    alpha=alpha,
                     kl=kl,
                     shift_pos=shift[pos_ids].mean().item(),
                     shift_neg=shift[neg_ids].mean().item(),
@@ -447,8 +406,8 @@ def _sweep(
     return Dial(
         hook_name=hook,
         latents=latents,
-        mode=mode,
-        scale=scale,
+        mode=spec.mode,
+        scale=spec.scale,
         pos_tokens=token_strings(model, pos_ids.tolist()),
         neg_tokens=token_strings(model, neg_ids.tolist()),
         points=points,
@@ -464,12 +423,11 @@ def _from_hook_block(
     placed at or after ``hook``'s block. The blocks before it run once: the steered passes
     start from the clean residual stream entering that block (the same numbers, about half the
     work for a hook at mid depth)."""
-    match = re.fullmatch(r"blocks\.(\d+)\..+", hook)
-    if match is None:
+    layer = block_of(hook)
+    if layer is None:
         logits = [model.run_with_hooks(b, fwd_hooks=[]) for b in batches]
         return logits, lambda fwd: [model.run_with_hooks(b, fwd_hooks=fwd) for b in batches]
-    layer = int(match.group(1))
-    entry = f"blocks.{layer}.hook_resid_pre"
+    entry = block_entry(layer)
     logits, starts = [], []
     for b in batches:
         lg, cache = model.run_with_cache(b, names_filter=[entry])
@@ -492,7 +450,7 @@ def _prompt_rows(model: Any, prompts: Prompts) -> list[torch.Tensor]:
         list(prompts) if not isinstance(prompts, torch.Tensor) or prompts.ndim == 2 else [prompts]
     )
     if not rows:
-        raise ValueError("No prompts given.")
+        raise SignSAEError("No prompts given.")
     return [
         (model.to_tokens(r, prepend_bos=True)[0] if isinstance(r, str) else r).to(model.cfg.device)
         for r in rows

@@ -5,30 +5,24 @@ stop_at_layer=layer + 1)`` under ``torch.inference_mode``, one batch of sequence
 takes precomputed activation batches of shape ``[batch, seq, d_in]`` or ``[tokens, d_in]``.
 """
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
+from sign_sae.errors import SignSAEError
+from sign_sae.models import stop_at_layer
 
 
 def sae_hook(sae: Any, hook: str | None = None) -> str:
     """The hook to read: ``hook`` if given, else the SAE's ``cfg.metadata.hook_name``."""
     name = hook or sae.cfg.metadata.hook_name
     if not name:
-        raise ValueError(
+        raise SignSAEError(
             "The SAE's cfg.metadata.hook_name is empty; pass hook= with the model hook it reads."
         )
     return name
-
-
-def stop_layer(hook: str) -> int | None:
-    """``stop_at_layer`` for a hook: one past its block, or None (run to the end)."""
-    match = _LAYER.match(hook)
-    return int(match.group(1)) + 1 if match else None
 
 
 def hook_activations(
@@ -36,17 +30,17 @@ def hook_activations(
 ) -> Iterator[torch.Tensor]:
     """Yield the ``hook`` activations ``[batch, seq, d]`` for consecutive rows of ``tokens``."""
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [n_seq, seq_len], got shape {tuple(tokens.shape)}.")
+        raise SignSAEError(f"tokens must be [n_seq, seq_len], got shape {tuple(tokens.shape)}.")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise SignSAEError(f"batch_size must be positive, got {batch_size}.")
     if hook not in model.hook_dict:
-        raise ValueError(f"The model has no hook {hook!r}.")
+        raise SignSAEError(f"The model has no hook {hook!r}.")
     for start in range(0, tokens.shape[0], batch_size):
         with torch.inference_mode():
             _, cache = model.run_with_cache(
                 tokens[start : start + batch_size],
                 names_filter=[hook],
-                stop_at_layer=stop_layer(hook),
+                stop_at_layer=stop_at_layer([hook]),
             )
         yield cache[hook]
 
@@ -66,7 +60,7 @@ def as_sequences(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 2:
         return x.unsqueeze(1)
     if x.ndim != 3:
-        raise ValueError(
+        raise SignSAEError(
             f"Activation batches must be [batch, seq, d] or [tokens, d], got {x.ndim}D."
         )
     return x
@@ -83,7 +77,7 @@ def latent_batches(
     seq_offset = 0
     for batch in batches:
         if exclude_bos and batch.ndim != 3:
-            raise ValueError("exclude_bos needs [batch, seq, d] activations; got [tokens, d].")
+            raise SignSAEError("exclude_bos needs [batch, seq, d] activations; got [tokens, d].")
         x = as_sequences(batch)
         n_seq = x.shape[0]
         if exclude_bos:

@@ -244,21 +244,11 @@ def steering_rows(model, acts, toks) -> list[dict]:
         scale = steering.typical_scale(c, sae, latent)
         dials = {}
         for mode in ("add", "clamp"):
-            cmp = steering.compare_dial(
-                model,
-                sae,
-                latent,
-                gated,
-                alphas=ALPHAS,
-                prompts=prompts,
-                mode=mode,
-                scale=scale,
-                targets=targets,
-            )
+            spec = steering.DialSpec(ALPHAS, prompts, mode, scale, targets)
+            cmp = steering.compare_dial(model, sae, latent, gated, spec)
             dials[f"signed_{mode}"], dials[f"pair_{mode}"] = [cmp.signed], [cmp.paired]
-        dials["random_add"] = steering.random_dials(
-            model, sae, ALPHAS, prompts, targets, n=N_RANDOM, seed=latent, scale=scale
-        )
+        spec = steering.DialSpec(ALPHAS, prompts, scale=scale, targets=targets)
+        dials["random_add"] = steering.random_dials(model, sae, spec, n=N_RANDOM, seed=latent)
         for name, ds in dials.items():
             out.append(_dial_row(latent, name, ds, c, scale))
         write_csv(out, "steering.csv")  # after every latent: a partial run keeps its rows

@@ -14,7 +14,8 @@ rerun; the result tables are written to ``docs/results/<budget>/`` after every s
    multiplier in ``MULTIPLIERS``, at the two sparsity settings ``tune_at``, seed 0. The score
    is R^2 at L0 = ``TARGET_L0``, interpolated linearly in log L0 between the two settings
    (extended along that line when they do not bracket it); TopK and AbsTopK, whose k fixes L0,
-   train one setting (k = 16) and score its R^2. ``select`` reads validation rows only.
+   train one setting (k = 16) and score its R^2. ``select`` reads validation rows only (the
+   families, the grid and the selection are ``experiments.fair_grid``).
 3. ``frontier``: each architecture with its winner at five sparsity settings; three seeds on
    the points the claims rest on (``KEY``), one elsewhere; the other hooks after MLP-out.
 4. ``test``: the frontier runs evaluated on the test split (the only numbers reported).
@@ -25,108 +26,33 @@ rerun; the result tables are written to ``docs/results/<budget>/`` after every s
 
 import argparse
 import logging
-import math
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from analyses.sweep import polarity_columns
 from analyses.sweep import run as sweep_with_polarity
+from experiments import fair_tables
+from experiments.fair_grid import (
+    FAMILIES,
+    KEY,
+    LONGER,
+    MAIN_HOOK,
+    OTHER_HOOKS,
+    SEEDS,
+    rows,
+    run_dir,
+    select,
+    tuning_grid,
+)
 from sign_sae import runs
 from sign_sae.models import load_model
 
 log = logging.getLogger("experiments.fair")
 
-LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # the grid asked for, plus 1e-2: its winners sat at 3e-3
-MULTIPLIERS = (1.0, 10.0)
-TARGET_L0 = 20.0
-SEEDS = (0, 1, 2)
-MAIN_HOOK = "mlp_out"  # layer 15 (mid depth) of SmolLM2-135M
-OTHER_HOOKS = ["resid_mid", "attn_out", "blocks.7.hook_mlp_out"]
 # Dead latents: a latent of the wider SAE (2H) firing at a tenth of the mean rate L0 / d_sae is
 # expected to fire DEAD_FIRINGS times in the window: window >= 10 * DEAD_FIRINGS * d_sae / L0.
 DEAD_FIRINGS = 10
-
-
-@dataclass(frozen=True)
-class Family:
-    """One architecture at one width, as the benchmark trains it."""
-
-    name: str
-    arch: str
-    width: float  # in units of H
-    sparsity: tuple[float, ...]  # the frontier's settings
-    tune_at: tuple[float, ...] = ()  # the tuning grid's settings; () = takes ``tuned_as``'s
-    options: dict[str, Any] = field(default_factory=dict)
-    rate: str | None = None  # what the multiplier scales: an SAE option or a parameter name
-    tuned_as: str | None = None
-
-    def entry(self, lr: float, mult: float | None, **kw: Any) -> runs.GridEntry:
-        """The grid entry of this family at learning rate ``lr`` and multiplier ``mult``."""
-        options, train = dict(self.options), {"lr": lr}
-        if self.rate == "threshold_lr_scale":
-            options["threshold_lr_scale"] = mult
-        elif self.rate is not None:
-            train["lr_scales"] = {self.rate: mult}
-        label = f"{self.name}_lr{lr:g}" + ("" if self.rate is None else f"_x{mult:g}")
-        kw.setdefault("sparsity", list(self.sparsity))
-        return runs.GridEntry(
-            label=label,
-            arch=self.arch,
-            width=self.width,
-            options=options,
-            train=train,
-            **kw,
-        )
-
-
-_SA = (1.0, 2.0, 4.0, 8.0, 16.0)
-FAMILIES = {
-    f.name: f
-    for f in [
-        Family("sa_gsae_H", "sa_gsae", 1, _SA, (2.0, 8.0), rate="threshold_lr_scale"),
-        Family(
-            "onesided_H",
-            "sa_gsae",
-            1,
-            _SA,
-            (2.0, 8.0),
-            {"two_sided": False},
-            rate="threshold_lr_scale",
-        ),
-        Family("gated_2H", "gated", 2, _SA, (2.0, 8.0), rate="b_gate"),
-        # its winner's L0 barely moves with the coefficient (4.7 at 2, 2.5 at 8 on validation),
-        # so its frontier reaches down to 0.008 for L0 values that overlap the others'
-        Family(
-            "jumprelu_2H",
-            "jumprelu",
-            2,
-            (0.008, 0.03, 0.125, 0.5, 2.0),
-            (2.0, 8.0),
-            {"jumprelu_sparsity_loss_mode": "tanh"},
-            rate="threshold",
-        ),
-        Family("topk_2H", "topk", 2, (8, 16, 32, 64, 128), (16,)),
-        Family("abstopk_H", "abstopk", 1, (8, 16, 32, 64, 128), (16,)),
-        # the attribution's other cells take the winner of their sibling
-        Family("sa_gsae_2H", "sa_gsae", 2, _SA, rate="threshold_lr_scale", tuned_as="sa_gsae_H"),
-        Family(
-            "onesided_2H",
-            "sa_gsae",
-            2,
-            _SA,
-            options={"two_sided": False},
-            rate="threshold_lr_scale",
-            tuned_as="onesided_H",
-        ),
-        Family("gated_H", "gated", 1, _SA, rate="b_gate", tuned_as="gated_2H"),
-    ]
-}
-KEY = ("sa_gsae_H", "onesided_H", "gated_2H")  # three seeds on these
 
 
 @dataclass(frozen=True)
@@ -202,7 +128,7 @@ def data_config(budget: Budget, split: str = "validation") -> runs.DataConfig:
 def sweep(budget: str, grid: list[runs.GridEntry], split: str = "validation") -> runs.SweepConfig:
     b = BUDGETS[budget]
     return runs.SweepConfig(
-        out_dir=f"runs/fair-{budget}",
+        out_dir=str(run_dir(budget)),
         data=data_config(b, split),
         h_expansion=b.h_expansion,
         train=runs.TrainConfig(**b.train),
@@ -211,18 +137,6 @@ def sweep(budget: str, grid: list[runs.GridEntry], split: str = "validation") ->
 
 
 # ---- the grids ----------------------------------------------------------------------------
-def tuning_grid() -> list[runs.GridEntry]:
-    """Every tuned family's grid at ``tune_at``, seed 0, on MLP-out."""
-    out = []
-    for f in FAMILIES.values():
-        if not f.tune_at:
-            continue
-        for lr in LRS:
-            for mult in MULTIPLIERS if f.rate else (None,):
-                out.append(f.entry(lr, mult, sparsity=list(f.tune_at), hooks=[MAIN_HOOK]))
-    return out
-
-
 def frontier_grid(winners: dict[str, dict[str, Any]]) -> list[runs.GridEntry]:
     """The winners at every sparsity, in priority order: the key families' seed 0, their
     siblings, the key families' other seeds, the other baselines, then the other hooks."""
@@ -252,72 +166,7 @@ def convergence_grid(winners: dict[str, dict[str, Any]], budget: str) -> list[ru
     return grid
 
 
-LONGER = "_2xsteps"
 _STEP_KEYS = ("total_steps", "lr_warm_up_steps", "lr_decay_steps")
-
-
-# ---- selection (validation rows only) -----------------------------------------------------
-def r2_at(points: list[tuple[float, float]], l0: float) -> float:
-    """R^2 at ``l0`` on the line through the points (L0, R^2) in log L0: the segment that
-    brackets it, else the nearest end segment extended; a single point gives its own R^2."""
-    pts = sorted(points)
-    if len(pts) == 1:
-        return pts[0][1]
-    x = [math.log(p[0]) for p in pts]
-    y = [p[1] for p in pts]
-    t = math.log(l0)
-    i = int(np.clip(np.searchsorted(x, t) - 1, 0, len(pts) - 2))
-    return y[i] + (y[i + 1] - y[i]) * (t - x[i]) / (x[i + 1] - x[i])
-
-
-def select(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
-    """The winner of each tuned family, from the validation rows of the tuning grid only.
-
-    Returns ``{family: {"lr", "mult", "score", "label"}}`` and the whole grid as a table."""
-    tuned = {f.name: f for f in FAMILIES.values() if f.tune_at}
-    table = []
-    for name, f in tuned.items():
-        for lr in LRS:
-            for mult in MULTIPLIERS if f.rate else (None,):
-                label = f.entry(lr, mult).label
-                mine = [
-                    r
-                    for r in rows
-                    if runs.row_split(r) == "validation"
-                    and r["label"] == label
-                    and r["hook_kind"] == MAIN_HOOK
-                    and r["seed"] == 0
-                    and r["sparsity"] in f.tune_at
-                ]
-                if len(mine) < len(f.tune_at):
-                    continue  # not trained yet
-                pts = [(r["l0"], r["r2"]) for r in mine]
-                score = r2_at(pts, TARGET_L0) if all(p[0] > 0 for p in pts) else -math.inf
-                table.append(
-                    dict(
-                        family=name,
-                        lr=lr,
-                        mult=mult,
-                        label=label,
-                        l0=[p[0] for p in pts],
-                        r2=[p[1] for p in pts],
-                        score=score,
-                    )  # fmt: skip
-                )
-    grid = pd.DataFrame(table)
-    winners = {}
-    for name, part in grid.groupby("family", sort=False) if len(grid) else []:
-        best = part.loc[part["score"].idxmax()]
-        winners[name] = {k: _plain(best[k]) for k in ("lr", "mult", "score", "label")}
-    if len(grid):
-        grid["winner"] = grid["label"].isin([w["label"] for w in winners.values()])
-    return winners, grid
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, float | np.floating) and math.isnan(v):
-        return None
-    return v.item() if isinstance(v, np.generic) else v
 
 
 # ---- stages -------------------------------------------------------------------------------
@@ -341,7 +190,7 @@ def stage_tune(budget: str) -> None:
 
 
 def winners_of(budget: str) -> dict[str, dict[str, Any]]:
-    winners, _ = select(_rows(budget))
+    winners, _ = select(rows(budget))
     missing = sorted({f.tuned_as or f.name for f in FAMILIES.values()} - set(winners))
     if missing:
         raise SystemExit(f"tuning is not finished for {missing}: run --stage tune first.")
@@ -363,11 +212,6 @@ def stage_convergence(budget: str) -> None:
     runs.evaluate_runs(sweep(budget, grid, split="test"), columns=polarity_columns)
 
 
-def _rows(budget: str) -> list[dict[str, Any]]:
-    path = Path(f"runs/fair-{budget}") / runs.RESULTS_JSON
-    return runs.read_results(path) if path.is_file() else []
-
-
 STAGES = {
     "harvest": stage_harvest,
     "tune": stage_tune,
@@ -383,7 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", choices=[*STAGES, "tables", "all"], default="all")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from experiments import fair_tables
 
     todo = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "tables" else []
     for stage in todo:
@@ -392,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("stage %s done in %.0f s", stage, time.perf_counter() - start)
         fair_tables.write(args.budget)
     if args.stage == "tables":
-        if not _rows(args.budget):
+        if not rows(args.budget):
             raise SystemExit(
                 f"runs/fair-{args.budget}/{runs.RESULTS_JSON} is missing: make the runs with "
                 f"`OMP_WAIT_POLICY=PASSIVE python -m experiments.fair --budget {args.budget}`."

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from analyses import gaps
-from experiments import fair
+from analyses.frontier import interpolate
+from experiments import fair_grid
 from sign_sae import runs
 from sign_sae.markdown import markdown_table
 from sign_sae.storage import atomic_write_text
@@ -51,12 +52,12 @@ def out_dir(budget: str) -> Path:
 
 def write(budget: str) -> None:
     """Every table the finished stages allow."""
-    rows = fair._rows(budget)
+    rows = fair_grid.rows(budget)
     if not rows:
         return
     out = out_dir(budget)
     atomic_write_text(out / "results.csv", runs.to_csv(rows))
-    winners, grid = fair.select(rows)
+    winners, grid = fair_grid.select(rows)
     if len(grid):
         atomic_write_text(out / "tuning.csv", grid.to_csv(index=False))
         atomic_write_text(out / "winners.json", json.dumps(winners, indent=1))
@@ -91,7 +92,7 @@ def write(budget: str) -> None:
 
 def _in_frontier(row: dict[str, Any], winners: dict[str, dict[str, Any]]) -> bool:
     """A run of a family's winning configuration (the tuning runs of the winner included)."""
-    f = fair.FAMILIES.get(family(row["label"]))
+    f = fair_grid.FAMILIES.get(family(row["label"]))
     if f is None or (f.tuned_as or f.name) not in winners:
         return False
     w = winners[f.tuned_as or f.name]
@@ -115,7 +116,7 @@ def tuning_table(grid: pd.DataFrame) -> str:
         ]
         for r in grid.itertuples()
     ]
-    head = ["family", "lr", "multiplier", "L0", "R^2", f"R^2 at L0 {fair.TARGET_L0:g}", ""]
+    head = ["family", "lr", "multiplier", "L0", "R^2", f"R^2 at L0 {fair_grid.TARGET_L0:g}", ""]
     return markdown_table(head, body)
 
 
@@ -148,9 +149,9 @@ GAP_COLUMNS = ["hook_kind", "a", "b", "interpolation", "overlap", "points_in_ove
                "verdict"]  # fmt: skip
 
 
-def curves(budget: str, rows: list[dict[str, Any]]) -> dict[tuple[str, str], gaps.Curve]:
+def curves(budget: str, rows: list[dict[str, Any]]) -> dict[tuple[str, str], gaps.SettingRuns]:
     """{(hook kind, family): {sparsity: [SequenceStats per seed]}} of one split's rows."""
-    root = Path(f"runs/fair-{budget}")
+    root = fair_grid.run_dir(budget)
     found: dict[tuple[str, str], dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in sorted(rows, key=lambda r: r["seed"]):
         folder = root / r["folder"]
@@ -165,7 +166,7 @@ def gap_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     cs = curves(budget, rows)
     out = []
     for hook in dict.fromkeys(r["hook_kind"] for r in rows):
-        pairs = PAIRS if hook == fair.MAIN_HOOK else PAIRS[:1]
+        pairs = PAIRS if hook == fair_grid.MAIN_HOOK else PAIRS[:1]
         for a, b in pairs:
             if (hook, a) not in cs or (hook, b) not in cs:
                 continue
@@ -199,7 +200,7 @@ def profile_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     cs = curves(budget, rows)
     out = []
     for hook in dict.fromkeys(r["hook_kind"] for r in rows):
-        for a, b in PAIRS if hook == fair.MAIN_HOOK else PAIRS[:1]:
+        for a, b in PAIRS if hook == fair_grid.MAIN_HOOK else PAIRS[:1]:
             if (hook, a) not in cs or (hook, b) not in cs:
                 continue
             fa, fb = (gaps.frontier_points(cs[(hook, n)]) for n in (a, b))
@@ -218,20 +219,22 @@ def convergence_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The key families' 2x-steps runs beside their 300-step runs at the same settings (seed
     0), and how far each moved off the 300-step frontier (seed means): R^2 of the longer run
     minus the frontier's R^2 at the longer run's L0."""
-    winners, _ = fair.select(rows)
+    winners, _ = fair_grid.select(rows)
     out = []
     for split in ("validation", "test"):
-        mine = [r for r in rows if runs.row_split(r) == split and r["hook_kind"] == fair.MAIN_HOOK]
+        mine = [
+            r for r in rows if runs.row_split(r) == split and r["hook_kind"] == fair_grid.MAIN_HOOK
+        ]
         by_label = {(r["label"], r["sparsity"], r["seed"]): r for r in mine}
         cs = curves(budget, [r for r in mine if _in_frontier(r, winners)])
         for r in mine:
-            if not r["label"].endswith(fair.LONGER):
+            if not r["label"].endswith(fair_grid.LONGER):
                 continue
-            base = by_label.get((r["label"].removesuffix(fair.LONGER), r["sparsity"], 0))
+            base = by_label.get((r["label"].removesuffix(fair_grid.LONGER), r["sparsity"], 0))
             name = family(r["label"])
-            if base is None or (fair.MAIN_HOOK, name) not in cs:
+            if base is None or (fair_grid.MAIN_HOOK, name) not in cs:
                 continue
-            front = gaps.frontier_points(cs[(fair.MAIN_HOOK, name)])
+            front = gaps.frontier_points(cs[(fair_grid.MAIN_HOOK, name)])
             inside = front[0][0] <= r["l0"] <= front[-1][0]
             off = r["r2"] - gaps.r2_at(front, np.array([r["l0"]]), "log_linear")[0]
             out.append(
@@ -247,7 +250,7 @@ def convergence_table(budget: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _inside(overlap: tuple[float, float] | None, *cs: gaps.Curve) -> str:
+def _inside(overlap: tuple[float, float] | None, *cs: gaps.SettingRuns) -> str:
     if overlap is None:
         return "0 / 0"
     lo, hi = overlap
@@ -255,7 +258,7 @@ def _inside(overlap: tuple[float, float] | None, *cs: gaps.Curve) -> str:
     return " / ".join(map(str, counts))
 
 
-def _seeds(c: gaps.Curve) -> str:
+def _seeds(c: gaps.SettingRuns) -> str:
     return "/".join(str(n) for n in sorted({len(v) for v in c.values()}))
 
 
@@ -291,10 +294,9 @@ def dead_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _at(points: pd.DataFrame, l0: float) -> float | None:
-    x = np.log(points["l0"].to_numpy())
-    if not x[0] <= math.log(l0) <= x[-1]:
-        return None
-    return float(np.interp(math.log(l0), x, points["dead_fraction"].to_numpy()))
+    """The dead fraction at ``l0`` over the seed-mean points; None outside their L0 range."""
+    dead = interpolate(points["l0"].tolist(), points["dead_fraction"].tolist(), l0)
+    return None if math.isnan(dead) else dead
 
 
 def _md(df: pd.DataFrame, columns: list[str]) -> str:

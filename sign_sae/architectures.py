@@ -36,8 +36,9 @@ def training_config(
     """The config of a fresh TrainingSAE of ``arch`` (see ``ARCHITECTURES``) with its sparsity
     set; unknown or wrongly typed ``options`` are named with the architecture's fields.
 
-    The first four arguments are positional-only, so ``options`` may hold config fields of the
-    same names (SA-GSAE's ``sparsity`` mode, for one)."""
+    The first four arguments are positional-only, so that every key of ``options`` (a sweep
+    file's SAE options, passed on as written) reaches that check and is named there, even one
+    spelt like an argument (``sparsity``, ``arch``), rather than clashing with it."""
     if arch not in ARCHITECTURES:
         raise SignSAEError(f"Unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
     knob, warm = ARCHITECTURES[arch]

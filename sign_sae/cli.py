@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     # The polarity columns and the report come from the analyses package, which sits above
     # sign_sae; the command line is the one place that joins the two.
-    from analyses.report import render
+    from analyses.report import ReportOptions, render
     from analyses.sweep import run
     from sign_sae.models import load_model
 
@@ -64,21 +64,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nHeld-out metrics ({name}, {rows[0]['hook']}, {rows[0]['n_tokens']:,} tokens):\n")
     print(runs.format_table(rows))
     print(f"\nSAEs (SAELens format) are in {cfg.out_dir}/runs/<model>/<hook>/<run>/sae")
-    report = render(cfg.out_dir, Path(cfg.out_dir) / "report.html", model=model)
+    report = render(cfg.out_dir, Path(cfg.out_dir) / "report.html", ReportOptions(model=model))
     print(f"Report (opens offline): {report}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     # the CLI is the one place that joins the two packages
-    from analyses.report import render, render_release
+    from analyses.report import ReportOptions, render, render_release
 
     if (args.run is None) == (args.release is None):
         raise SignSAEError("Give a run folder or --release NAME (one of the two).")
-    options = dict(latents=args.latents or None, n_latents=args.n_latents, n_tokens=args.tokens)
+    options = ReportOptions(
+        saes=(args.sae_id or None) if args.release is not None else None,
+        latents=args.latents or None,
+        n_latents=args.n_latents,
+        n_tokens=args.tokens,
+    )
     if args.release is not None:
-        path = render_release(args.release, args.out, args.sae_id or None, **options)
+        path = render_release(args.release, args.out, options)
     else:
-        path = render(args.run, args.out, **options)
+        path = render(args.run, args.out, options)
     print(f"Report (opens offline): {path}")
 
 
@@ -93,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from analyses.sweep import run  # the polarity columns (the CLI joins the two packages)
 
     cfg = _load(args)
-    with distributed.session():  # under torchrun the runs are spread over the ranks
+    with distributed.session():  # under torchrun each group of runs trains data-parallel
         rows = run(cfg, progress=_progress())
         if distributed.is_main():
             print(f"{len(rows)} runs in {Path(cfg.out_dir) / runs.RESULTS_CSV}")
@@ -102,14 +107,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_frontier(args: argparse.Namespace) -> None:
     import json
 
-    from analyses import frontier  # the CLI is the one place that joins the two packages
-    from analyses.sweep import write_plots
+    from analyses import frontier, tables  # the CLI is the one place that joins the two packages
+    from analyses.frontier_plots import write_plots
     from sign_sae.storage import atomic_write_text, read_table
 
     rows = read_table(args.results)
     result = frontier.analyse(rows, reference=args.reference, dead_floor=args.dead_floor)
     out = Path(args.out) if args.out else Path(args.results).parent
-    text = frontier.format_markdown(result)
+    text = tables.format_markdown(result)
     atomic_write_text(out / "frontier.md", text)
     atomic_write_text(out / "frontier.json", json.dumps(frontier.to_json(result), indent=1))
     write_plots(result, out)

@@ -18,7 +18,6 @@ f != 0 (docs/metrics.md).
 ``evaluate(sae, model, tokens)`` scores one SAE that way.
 """
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -29,9 +28,8 @@ from torch.nn import functional as F
 from sign_sae.architectures import parameter_count
 from sign_sae.errors import SignSAEError
 from sign_sae.metrics import LatentStats, SequenceStats, bipolar_fraction
-from sign_sae.models import validate_hook
+from sign_sae.models import block_entry, block_of, stop_at_layer, validate_hook
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _ENCODE_ROWS = 4096
 
 
@@ -183,9 +181,7 @@ class HeldOut:
         every hooked block."""
         if self._clean is not None:
             return self._clean
-        names = sorted(
-            {f"blocks.{L}.hook_resid_pre" for L in self.layers.values() if L is not None}
-        )
+        names = sorted({block_entry(L) for L in self.layers.values() if L is not None})
         ce, logprobs, resid = 0.0, [], {n: [] for n in names}
         for batch in self._batches():
             logits, cache = self.model.run_with_cache(batch, names_filter=names)
@@ -214,7 +210,7 @@ class HeldOut:
         layer = self.layers.get(hook) if hook is not None else None
         if layer is None:
             return self.model.run_with_hooks(batch, fwd_hooks=hooks)
-        resid = self._clean_pass()["resid"][f"blocks.{layer}.hook_resid_pre"][i]
+        resid = self._clean_pass()["resid"][block_entry(layer)][i]
         return self.model.run_with_hooks(resid, start_at_layer=layer, tokens=batch, fwd_hooks=hooks)
 
 
@@ -229,8 +225,7 @@ def held_out(
     hooks = list(dict.fromkeys(hooks))
     for hook in hooks:
         validate_hook(model, hook)
-    layers = [_BLOCK.match(h) for h in hooks]
-    stop = None if None in layers else max(int(m.group(1)) for m in layers) + 1
+    stop = stop_at_layer(hooks)
     parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     with torch.inference_mode():
         for batch in tokens.to(model.cfg.device).split(batch_size):
@@ -263,10 +258,7 @@ def _layer(model: Any, hook: str) -> int | None:
     """The block a hook sits in, when the model can start a forward there; else None."""
     from transformer_lens import HookedTransformer
 
-    match = _BLOCK.match(hook)
-    if match is None or not isinstance(model, HookedTransformer):
-        return None
-    return int(match.group(1))
+    return block_of(hook) if isinstance(model, HookedTransformer) else None
 
 
 def _splice(sae: Any) -> Any:

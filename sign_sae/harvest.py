@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sign_sae.errors import SignSAEError
-from sign_sae.models import validate_hook
+from sign_sae.models import stop_at_layer, validate_hook
 from sign_sae.storage import atomic_write_text, read_json, sha256_file, staged_file
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ _TENSOR_KEY = "acts"
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _SHARD_FILE = "shard_{:05d}.safetensors"
 _SHARD_PATTERN = re.compile(r"^shard_\d{5}\.safetensors$")
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _REBUILD = "run harvest() again to rebuild it, or delete the folder"
 # What metadata.json must hold (checked on open, so a damaged file is rebuilt, never trusted).
 _METADATA_FIELDS = {"complete": bool, "hook": str, "d_in": int, "n_tokens": int, "dtype": str,
@@ -352,8 +351,7 @@ def _run(
         DTYPES[request["forward_dtype"]],
         enabled=request["forward_dtype"] != "float32",
     )
-    layers = [_BLOCK_HOOK.match(h) for h in hooks]
-    stop_at_layer = None if None in layers else max(int(m.group(1)) for m in layers) + 1
+    stop = stop_at_layer(hooks)
     n_seq, context_size = tokens.shape
     n_tokens = n_seq * (context_size - 1 if exclude_bos else context_size)
     start_time = time.perf_counter()
@@ -367,9 +365,7 @@ def _run(
         ):
             for start in range(0, n_seq, batch_size):
                 batch = tokens[start : start + batch_size].to(model.cfg.device)
-                _, cache = model.run_with_cache(
-                    batch, names_filter=hooks, stop_at_layer=stop_at_layer
-                )
+                _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
                 for hook in hooks:
                     acts = cache[hook]
                     if acts.shape[:2] != batch.shape:

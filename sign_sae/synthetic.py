@@ -90,11 +90,6 @@ def _cosines(W_dec: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return directions @ d.T  # [n_true, d_sae]
 
 
-def mean_max_abs_cos(W_dec: torch.Tensor, directions: torch.Tensor) -> float:
-    """Mean over true directions of the best |cos| with any decoder row."""
-    return _cosines(W_dec, directions).abs().max(dim=1).values.mean().item()
-
-
 def fraction_recovered(W_dec: torch.Tensor, directions: torch.Tensor, bar: float = 0.9) -> float:
     """Share of true directions matched by some decoder row with |cos| > bar."""
     return (_cosines(W_dec, directions).abs().max(dim=1).values > bar).float().mean().item()

@@ -9,6 +9,7 @@ import torch
 from analyses import concentration
 from analyses.concentration import Concentration
 from analyses.polarity import PolarityCensus
+from sign_sae.errors import SignSAEError
 
 
 def hand_census() -> PolarityCensus:
@@ -54,7 +55,7 @@ def test_non_negative_census_has_no_shares() -> None:
 
 
 def test_rejects_non_positive_k() -> None:
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(SignSAEError, match="k must be positive"):
         concentration.top_latents(hand_census(), k=[0])
 
 

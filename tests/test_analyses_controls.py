@@ -9,6 +9,7 @@ from test_analyses_polarity import identity_sagsae
 
 from analyses import concentration, pairs, polarity, steering
 from sign_sae.architectures import make_training_sae
+from sign_sae.errors import SignSAEError
 from sign_sae.synthetic import SyntheticData, SyntheticSpec
 from sign_sae.trainer import TensorBatches, TrainConfig, train
 
@@ -177,7 +178,7 @@ def test_correspondence_cofiring_vetoes_pairs_that_fire_together() -> None:
         sae.b_enc[2] = 1.0  # the -u0 latent now fires on every token, with +u0 too
     together = pairs.correspondence(u[:1], sae, [x])
     assert together.cofire[0] == 1.0 and together.share == 0.0
-    with pytest.raises(ValueError, match="directions must be"):
+    with pytest.raises(SignSAEError, match="directions must be"):
         pairs.correspondence(u[:, :5], sae)
 
 
@@ -189,7 +190,7 @@ def test_context_targets_come_from_the_tokens_after_each_side() -> None:
     tokens = torch.tensor([[9, 9, 11, 12, 9], [9, 9, 9, 9, 11]])
     c = polarity.census_from_activations(sae, [acts], top_examples=3)
     assert steering.context_targets(c, tokens, 0) == ([11], [12])
-    with pytest.raises(ValueError, match="no context targets"):
+    with pytest.raises(SignSAEError, match="no context targets"):
         steering.context_targets(c, tokens, 1)
 
 
@@ -217,11 +218,11 @@ def test_a_planted_dial_beats_random_directions_and_a_random_one_does_not(
     prompts = eval_tokens[:4, :16]
     _, cache = model.run_with_cache(prompts, names_filter=[hook])
     scale = cache[hook][:, 1:].norm(dim=-1).mean().item() / 4
-    alphas, targets = [-1.0, 1.0], ([t1], [t2])
-    controls = steering.random_dials(model, sae, alphas, prompts, targets, n=3, scale=scale)
+    spec = steering.DialSpec([-1.0, 1.0], prompts, scale=scale, targets=([t1], [t2]))
+    controls = steering.random_dials(model, sae, spec, n=3)
     ceiling = max(abs(d.at(a).specificity()[0]) for d in controls for a in (-1.0, 1.0))
     for latent, beats in ((0, True), (1, False)):
-        dial = steering.dial(model, sae, latent, alphas, prompts, scale=scale, targets=targets)
+        dial = steering.dial(model, sae, latent, spec)
         for a in (-1.0, 1.0):
             value, lo, hi = dial.at(a).specificity()
             assert lo <= value <= hi

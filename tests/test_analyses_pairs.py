@@ -17,6 +17,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from analyses import pairs
 from analyses.pairs import AntipodalPairs
 from sign_sae import SAGSAE, SAGSAEConfig
+from sign_sae.errors import SignSAEError
 from sign_sae.export import to_signed_init
 
 HOOK = "blocks.0.hook_resid_post"
@@ -98,9 +99,9 @@ def test_json_round_trip() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="cos_threshold"):
+    with pytest.raises(SignSAEError, match="cos_threshold"):
         pairs.antipodal_pairs(planted_sae(), cos_threshold=0.5)
-    with pytest.raises(ValueError, match="model and tokens"):
+    with pytest.raises(SignSAEError, match="model and tokens"):
         pairs.antipodal_pairs(planted_sae(), tokens=torch.zeros(1, 3, dtype=torch.long))
 
 
@@ -179,7 +180,7 @@ def test_signed_init_tied_trains_without_nan() -> None:
 
 
 def test_signed_init_rejects_signed_sources_and_reused_latents() -> None:
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(SignSAEError, match="architecture"):
         to_signed_init(SAGSAE(SAGSAEConfig(d_in=4, d_sae=4)), [(0, 1)])
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(SignSAEError, match="distinct"):
         to_signed_init(planted_jumprelu(), [(0, 1), (1, 2)])

@@ -13,6 +13,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from analyses import polarity
 from analyses.polarity import PolarityCensus
 from sign_sae import SAGSAE, SAGSAEConfig
+from sign_sae.errors import SignSAEError
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -101,7 +102,7 @@ def test_top_examples_match_brute_force() -> None:
 
 
 def test_top_examples_are_capped() -> None:
-    with pytest.raises(ValueError, match="top_examples"):
+    with pytest.raises(SignSAEError, match="top_examples"):
         polarity.census_from_activations(identity_sagsae(), [], top_examples=1000)
 
 
@@ -170,5 +171,5 @@ def test_census_on_a_model_streams_the_hook() -> None:
 
 def test_census_needs_a_hook_name() -> None:
     sae = StandardSAE(StandardSAEConfig(d_in=6, d_sae=4))
-    with pytest.raises(ValueError, match="hook"):
+    with pytest.raises(SignSAEError, match="hook"):
         polarity.census(sae, tiny_model(), torch.zeros(1, 4, dtype=torch.long))

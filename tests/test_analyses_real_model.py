@@ -12,6 +12,7 @@ import torch
 from sae_lens import SAE
 
 from analyses import concentration, logit_lens, pairs, polarity, steering
+from analyses.steering import DialSpec
 from analyses.stream import hook_activations
 from sign_sae import SAGSAETrainingSAE, SAGSAETrainingSAEConfig
 from sign_sae.corpus import load_texts, tokenize
@@ -78,15 +79,14 @@ def test_real_model_dial_kl_grows_with_alpha(model, eval_tokens, census, trained
     assert all(math.isfinite(v) for v in lens.pos_logits + lens.neg_logits)
     scale = steering.typical_scale(census, sae, latent)
     prompts = eval_tokens[:2, :16]  # equal lengths: one forward per alpha
-    result = steering.dial(model, sae, latent, [-8, -4, 0, 4, 8], prompts, scale=scale)
+    result = steering.dial(model, sae, latent, DialSpec([-8, -4, 0, 4, 8], prompts, scale=scale))
     kl = {p.alpha: p.kl for p in result.points}
     assert kl[0] == pytest.approx(0.0, abs=1e-5)
     assert 0 < kl[4] < kl[8] and 0 < kl[-4] < kl[-8]
     assert all(math.isfinite(p.effect) for p in result.points)
     assert -1.0 <= result.monotonicity <= 1.0
-    clamp = steering.dial(
-        model, sae, latent, [-4, 4], ["To be, or not to be"], "clamp", max_new_tokens=2, scale=scale
-    )
+    spec = DialSpec([-4, 4], ["To be, or not to be"], "clamp", scale, max_new_tokens=2)
+    clamp = steering.dial(model, sae, latent, spec)
     assert all(math.isfinite(p.kl) and p.kl >= 0 for p in clamp.points)
     assert all(len(p.continuations) == 1 and p.continuations[0] for p in clamp.points)
 

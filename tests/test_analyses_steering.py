@@ -10,7 +10,8 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from analyses import logit_lens, steering
-from analyses.steering import Dial, DialComparison
+from analyses.steering import Dial, DialComparison, DialSpec
+from sign_sae.errors import SignSAEError
 
 D, VOCAB = 8, 30
 LAST = "blocks.1.hook_resid_post"
@@ -64,14 +65,14 @@ def test_logit_lens_reads_planted_tokens() -> None:
     assert lens.pos_tokens[0] == "3"  # no tokenizer: the id as text
     assert logit_lens.LogitLens.from_dict(json.loads(json.dumps(lens.to_dict()))) == lens
     assert list(lens.to_dataframe().columns) == ["pos_token", "pos_logit", "neg_token", "neg_logit"]
-    with pytest.raises(ValueError, match="d_model"):
+    with pytest.raises(SignSAEError, match="d_model"):
         logit_lens.logit_lens(model, torch.ones(D + 1))
 
 
 def test_add_dial_kl_grows_with_alpha_and_is_monotone() -> None:
     model, sae = tiny_model(), orthonormal_sae(basis()[:3])
     alphas = [-8, -4, -2, 0, 2, 4, 8]
-    result = steering.dial(model, sae, latent=1, alphas=alphas, prompts=PROMPTS, k_tokens=3)
+    result = steering.dial(model, sae, 1, DialSpec(alphas, PROMPTS, k_tokens=3))
     kl = {p.alpha: p.kl for p in result.points}
     assert kl[0] == pytest.approx(0.0, abs=1e-6)
     assert kl[2] < kl[4] < kl[8] and kl[-2] < kl[-4] < kl[-8]
@@ -101,15 +102,13 @@ def test_add_hook_moves_by_amount_along_the_unit_direction() -> None:
     x = torch.zeros(1, 2, D)
     moved = steering.steering_hook(sae, 2, amount=-2.0, mode="add")(x, None)
     assert torch.allclose(moved[0, 1], -2.0 * basis()[2], atol=1e-6)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(SignSAEError, match="mode"):
         steering.steering_hook(sae, 0, 1.0, mode="scale")
 
 
 def test_clamp_dial_runs_with_continuations() -> None:
     model, sae = tiny_model(), orthonormal_sae(basis()[:3], hook="blocks.0.hook_resid_post")
-    result = steering.dial(
-        model, sae, 2, alphas=[-2, 0, 2], prompts=PROMPTS, mode="clamp", max_new_tokens=2
-    )
+    result = steering.dial(model, sae, 2, DialSpec([-2, 0, 2], PROMPTS, "clamp", max_new_tokens=2))
     assert all(len(p.continuations) == 2 for p in result.points)
     assert all(len(c.split()) == 2 for c in result.points[0].continuations)
     assert result.points[1].kl > 0  # clamp at 0 ablates the latent
@@ -120,7 +119,7 @@ def test_compare_dial_with_an_exact_pair_matches_the_signed_latent() -> None:
     model, q = tiny_model(), basis()
     signed = orthonormal_sae(q[:2])  # its encoder is irrelevant in add mode
     gated = orthonormal_sae(torch.stack([q[1], q[5], -q[0], q[0]]))
-    cmp = steering.compare_dial(model, signed, 0, gated, alphas=[-4, 0, 4], prompts=PROMPTS)
+    cmp = steering.compare_dial(model, signed, 0, gated, DialSpec([-4, 0, 4], PROMPTS))
     assert cmp.paired.latents == [3, 2]  # found by matching_pair
     for a, b in zip(cmp.signed.points, cmp.paired.points, strict=True):
         assert a.kl == pytest.approx(b.kl, abs=1e-6)
@@ -151,15 +150,15 @@ def test_typical_scale() -> None:
     )
     sae = orthonormal_sae(basis()[:2] * 3.0)
     assert steering.typical_scale(c, sae, 0) == pytest.approx(2.0 * 3.0)
-    with pytest.raises(ValueError, match="never fired"):
+    with pytest.raises(SignSAEError, match="never fired"):
         steering.typical_scale(c, sae, 1)
 
 
 def test_prompts_of_different_lengths_keep_their_order() -> None:
     model, sae = tiny_model(), orthonormal_sae(basis()[:3])
     prompts = [PROMPTS[0], PROMPTS[1][:4], PROMPTS[1]]
-    together = steering.dial(model, sae, 1, [3.0], prompts, max_new_tokens=3)
-    alone = [steering.dial(model, sae, 1, [3.0], [p], max_new_tokens=3) for p in prompts]
+    together = steering.dial(model, sae, 1, DialSpec([3.0], prompts, max_new_tokens=3))
+    alone = [steering.dial(model, sae, 1, DialSpec([3.0], [p], max_new_tokens=3)) for p in prompts]
     assert together.points[0].continuations == [a.points[0].continuations[0] for a in alone]
     n = [p.numel() for p in prompts]
     kl = sum(k * a.points[0].kl for k, a in zip(n, alone, strict=True)) / sum(n)

@@ -2,16 +2,17 @@
 
 import math
 
+import numpy as np
 import pytest
 
-from analyses import frontier
-from analyses.frontier import Curve, Point
+from analyses import frontier, tables
+from analyses.frontier import Curve, CurvePoint
 
 
 def curve(label: str, pts: list[tuple[float, float]], dead: float = 0.0, d_sae: int = 100) -> Curve:
     return Curve(
         label,
-        [Point(i, l0, r2, dead, r2, r2, 1, l0, l0) for i, (l0, r2) in enumerate(pts)],
+        [CurvePoint(i, l0, r2, dead, r2, r2, 1, l0, l0) for i, (l0, r2) in enumerate(pts)],
         d_sae,
     )
 
@@ -42,6 +43,13 @@ def test_interpolation_is_linear_in_log_l0_and_undefined_outside():
     assert frontier.interpolate(xs, ys, 1000.0) == pytest.approx(0.6)
     assert math.isnan(frontier.interpolate(xs, ys, 5.0))
     assert math.isnan(frontier.interpolate(xs, ys, 2000.0))
+    assert math.isnan(frontier.interpolate(xs, ys, 0.0))
+    # arrays alike; extend=True extends the end segments (the only other rule)
+    at = np.array([5.0, 100.0, 2000.0])
+    got = frontier.interpolate(xs, ys, at)
+    assert math.isnan(got[0]) and got[1] == pytest.approx(0.4) and math.isnan(got[2])
+    wide = frontier.interpolate(xs, ys, at, extend=True)
+    assert wide[0] == pytest.approx(0.2 - 0.2 * math.log10(2)) and wide[2] > 0.6
 
 
 def test_frontier_keeps_only_pareto_points():
@@ -64,7 +72,7 @@ def test_pareto_keeps_the_best_of_equal_l0_whatever_the_items():
 def test_strict_dominance_over_the_full_overlap():
     b = curve("b", [(10, 0.5), (100, 0.7), (1000, 0.9)])
     a = curve("a", [(10, 0.55), (100, 0.75), (1000, 0.95)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.overlap == (10, 1000)
     assert k.dominates is True
     assert k.min_gap == pytest.approx(0.05)
@@ -75,7 +83,7 @@ def test_partial_overlap_uses_only_the_common_range():
     # a is far below b outside [50, 100] but above it inside: dominance holds on the overlap.
     a = curve("a", [(10, 0.0), (100, 0.9)])
     b = curve("b", [(50, 0.6), (500, 0.99)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.overlap == (50, 100)
     # at L0 = 50: a = 0.9 log(5) / log(10), b = 0.6; at 100: a = 0.9, b = 0.6 + 0.39 log(2) / log(10)
     gap50 = 0.9 * math.log(5) / math.log(10) - 0.6
@@ -88,7 +96,7 @@ def test_partial_overlap_uses_only_the_common_range():
 def test_crossing_curves_do_not_dominate_and_report_the_worst_gap():
     a = curve("a", [(10, 0.6), (1000, 0.8)])
     b = curve("b", [(10, 0.5), (1000, 0.9)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.dominates is False
     assert k.min_gap == pytest.approx(-0.1)  # at L0 = 1000
     assert k.max_gap == pytest.approx(0.1)  # at L0 = 10
@@ -98,7 +106,7 @@ def test_a_dip_between_grid_points_is_caught_at_the_breakpoint():
     # b has one breakpoint where it rises above a; only that exact L0 shows it.
     a = curve("a", [(10, 0.5), (1000, 0.7)])
     b = curve("b", [(10, 0.4), (123.4, 0.7), (1000, 0.6)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert 123.4 in frontier.check_points(a, b, k.overlap)
     assert k.dominates is False
     assert k.min_gap == pytest.approx(frontier.interpolate([10, 1000], [0.5, 0.7], 123.4) - 0.7)
@@ -107,7 +115,7 @@ def test_a_dip_between_grid_points_is_caught_at_the_breakpoint():
 def test_touching_is_not_strict_dominance():
     a = curve("a", [(10, 0.5), (100, 0.9)])
     b = curve("b", [(10, 0.5), (100, 0.8)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.min_gap == pytest.approx(0.0)
     assert k.dominates is False
 
@@ -115,12 +123,12 @@ def test_touching_is_not_strict_dominance():
 def test_no_overlap_gives_no_verdict():
     a = curve("a", [(1, 0.3), (10, 0.5)])
     b = curve("b", [(100, 0.7), (1000, 0.9)])
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.overlap is None and k.dominates is None and k.min_gap is None
 
 
 def test_single_point_curves_compare_at_their_common_l0():
-    k = frontier.compare(curve("a", [(10, 0.6)]), curve("b", [(5, 0.4), (20, 0.8)]))
+    k = frontier.compare_curves(curve("a", [(10, 0.6)]), curve("b", [(5, 0.4), (20, 0.8)]))
     assert k.overlap == (10, 10)
     assert k.min_gap == pytest.approx(0.0)  # b at 10 is the log-midpoint: 0.6
 
@@ -128,10 +136,12 @@ def test_single_point_curves_compare_at_their_common_l0():
 def test_dead_ratio_floors_zero_at_half_a_latent_of_the_wider_sae():
     a = curve("a", [(10, 0.6), (100, 0.8)], dead=0.0, d_sae=100)
     b = curve("b", [(10, 0.5), (100, 0.7)], dead=0.2, d_sae=200)
-    k = frontier.compare(a, b)
+    k = frontier.compare_curves(a, b)
     assert k.dead_floor == pytest.approx(0.5 / 200)
     assert k.dead_ratio_mid == pytest.approx(0.2 / (0.5 / 200))
-    assert frontier.compare(a, b, dead_floor=1e-4).dead_ratio_mid == pytest.approx(0.2 / 1e-4)
+    assert frontier.compare_curves(a, b, dead_floor=1e-4).dead_ratio_mid == pytest.approx(
+        0.2 / 1e-4
+    )
 
 
 def test_geomean_dead_applies_the_floor():
@@ -169,7 +179,7 @@ def test_analyse_cells_ablations_collapse_and_sweep_ratio():
     assert ab["noaux"]["collapsed"] and ab["noaux"]["ref_ce_loss_recovered"] == 0.9
     assert ab["untied"]["abs_delta_r2"] == pytest.approx(0.01)
     assert [c["label"] for c in result["collapsed"]] == ["noaux"]
-    text = frontier.format_markdown(result)
+    text = tables.format_markdown(result)
     assert "| m h | gated_2H | 10.0-100.0 | yes | +0.100 |" in text
     assert frontier.to_json(result)["cells"][0]["comparisons"][0]["dominates"] is True
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from analyses.gaps import bootstrap_gap, frontier_points, gap_range
+from sign_sae.errors import SignSAEError
 from sign_sae.metrics import SequenceStats
 
 SETTINGS = {1.0: (80.0, 0.85), 2.0: (40.0, 0.78), 4.0: (20.0, 0.70), 8.0: (10.0, 0.60), 16.0: (5.0, 0.48)}  # fmt: skip
@@ -54,7 +55,7 @@ def test_gap_range_on_hand_made_frontiers():
     # on points collinear in log L0 the monotone cubic is the same line
     assert gap_range(a, b, "pchip")[1] == pytest.approx(lo, abs=1e-3)
     assert gap_range(a, [(200.0, 0.1), (300.0, 0.2)], "log_linear")[0] is None
-    with pytest.raises(ValueError, match="interpolation must be one of"):
+    with pytest.raises(SignSAEError, match="interpolation must be one of"):
         gap_range(a, b, "cubic")
 
 
@@ -114,5 +115,5 @@ def test_seed_spread_widens_the_interval():
 
 def test_runs_on_different_sequences_are_refused():
     g = torch.Generator().manual_seed(0)
-    with pytest.raises(ValueError, match="same sequences"):
+    with pytest.raises(SignSAEError, match="same sequences"):
         bootstrap_gap(curve(0.0, difficulty(8, 0), 0.0, g), curve(0.0, difficulty(9, 0), 0.0, g))

@@ -1,15 +1,20 @@
-"""The import graph of ``sign_sae`` and ``analyses``, read with ``ast`` (nothing is imported).
+"""The import graph of ``sign_sae``, ``analyses``, ``experiments`` and ``benchmarks``, read with
+``ast`` (nothing is imported).
 
-Data flows one way: the library never imports ``analyses`` (the CLI may, inside its command
-functions: that is where the two packages join), and no project module imports itself back
-through a chain of module-level imports.
+Data flows one way, up the layers ``LAYERS``: the library (``sign_sae``) never imports
+``analyses``; neither imports ``experiments`` or ``benchmarks``, and those two never import each
+other. One exception, ``sign_sae.cli``: the ``sign-sae`` entry point offers ``report``, ``sweep``
+(with the polarity columns), ``demo`` and ``frontier``, which live in ``analyses``, so its command
+functions import ``analyses`` there, inside the functions (importing ``sign_sae`` never loads
+``analyses``). No project module imports itself back through a chain of imports, at module level
+or inside functions.
 
 Edges: ``import a.b`` -> ``a.b``; ``from a import b`` -> ``a`` (its ``__init__`` runs and is
 read), plus ``a.b`` when ``b`` is a submodule; ``from a.b import c`` -> ``a.b`` (plus ``a.b.c``
-when ``c`` is a submodule). A package ``__init__`` is the module named after the package. The
-implicit import of parent packages is not an edge (every package would cycle with its own
-``__init__``). Cycles count module-level imports only, not those inside functions or under
-``if TYPE_CHECKING:``.
+when ``c`` is a submodule). A package ``__init__`` is the module named after the package (a
+folder without one, ``experiments``, is no module). The implicit import of parent packages is not
+an edge (every package would cycle with its own ``__init__``). Imports under
+``if TYPE_CHECKING:`` are not edges.
 """
 
 import ast
@@ -17,8 +22,9 @@ from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("sign_sae", "analyses")
-CLI = "sign_sae.cli"
+LAYERS = {"sign_sae": 0, "analyses": 1, "experiments": 2, "benchmarks": 2}
+PACKAGES = tuple(LAYERS)
+CLI = "sign_sae.cli"  # the one module allowed an arrow up (into analyses, inside its functions)
 
 Edge = tuple[str, str, int]  # (importer, imported, line)
 
@@ -151,17 +157,26 @@ def _show(edges: list[Edge]) -> str:
     return "\n".join(f"  {a} (line {line}) imports {b}" for a, b, line in edges)
 
 
-def test_the_library_never_imports_analyses_except_the_cli_inside_functions():
+def _upward(importer: str, imported: str) -> bool:
+    """An arrow to a higher layer, or across to another package of the same layer."""
+    a, b = importer.split(".")[0], imported.split(".")[0]
+    return LAYERS[b] > LAYERS[a] or (LAYERS[b] == LAYERS[a] and a != b)
+
+
+def test_no_arrow_runs_back_up_except_the_cli_inside_its_commands():
     top, nested = graph()
-    wrong = [e for e in top if _in("sign_sae", e[0]) and _in("analyses", e[1])]
-    wrong += [e for e in nested if _in("sign_sae", e[0]) and e[0] != CLI and _in("analyses", e[1])]
-    assert not wrong, "sign_sae imports analyses:\n" + _show(wrong)
+    wrong = [e for e in top if _upward(e[0], e[1])]
+    wrong += [
+        e for e in nested if _upward(e[0], e[1]) and not (e[0] == CLI and _in("analyses", e[1]))
+    ]
+    assert not wrong, "imports that run back up the layers:\n" + _show(wrong)
 
 
 def test_no_import_cycles():
-    top, _ = graph()
-    found = cycles(top)
-    lines = {(a, b): line for a, b, line in top}
+    top, nested = graph()
+    edges = top + nested
+    found = cycles(edges)
+    lines = {(a, b): line for a, b, line in edges}
     shown = [
         " -> ".join(c)
         + "\n"
@@ -169,6 +184,12 @@ def test_no_import_cycles():
         for c in found
     ]
     assert not found, "import cycles:\n" + "\n".join(shown)
+
+
+def test_the_layers_cover_every_package():
+    """Each top-level folder with Python modules is a layer, so none escapes the checks."""
+    folders = {p.parent.relative_to(ROOT).parts[0] for p in ROOT.glob("*/*.py")}
+    assert folders - {"tests", "examples", "docs"} == set(LAYERS)
 
 
 def test_the_graph_sees_the_imports_it_checks(tmp_path):

@@ -7,16 +7,19 @@ tests/test_report_browser.py opens it in headless Chromium.
 import json
 import re
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from analyses.logit_lens import LogitLens
 from analyses.polarity import PolarityCensus
-from analyses.report import collect, page, render, render_sweep, write
+from analyses.report import ReportOptions, collect, page, render, render_sweep, write
 from analyses.report.circuits import BOOT_JS, bundle, csp_hash, script_json
+from analyses.report.gather import controls, fronts
 from analyses.report.layout import Card, Example, Match, Report, SAESection
 from analyses.steering import Dial, DialPoint
+from sign_sae.errors import SignSAEError
 from sign_sae.runs import Inputs, SweepConfig, run_sweep
 
 HOSTILE = [
@@ -73,18 +76,23 @@ def hostile_report(n_cards: int = 2, n_examples: int = 3, n_rows: int = 3) -> Re
             notes=[HOSTILE[0]],
         )
 
-    sections = [
-        SAESection(
+    def section(name: str, arch: str, other: str) -> SAESection:
+        c = census(arch == "sa_gsae")
+        return SAESection(
             name=name,
             architecture=arch,
             hook="blocks.1.hook_mlp_out",
             d_in=8,
             d_sae=d_sae,
             params=[("W_enc", (8, d_sae)), ("W_dec", (d_sae, 8)), ("b_dec", (8,))],
-            census=census(arch == "sa_gsae"),
+            census=c,
+            controls=controls(c, None),
             cards=[card(i, other) for i in range(n_cards)],
             n_cut=5,
         )
+
+    sections = [
+        section(name, arch, other)
         for name, arch, other in (
             ("sa" + HOSTILE[0], "sa_gsae", "gated"),
             ("gated", "gated", "sa" + HOSTILE[0]),
@@ -95,7 +103,8 @@ def hostile_report(n_cards: int = 2, n_examples: int = 3, n_rows: int = 3) -> Re
          "r2": 0.5 + 0.4 * k / n_rows, "l0": 5.0 + k, "n_params": 1000 + k, HOSTILE[1]: k}
         for k in range(n_rows)
     ]  # fmt: skip
-    return Report(title=HOSTILE[0], facts=[(HOSTILE[0], HOSTILE[1])], rows=rows, saes=sections)
+    facts = [(HOSTILE[0], HOSTILE[1])]
+    return Report(title=HOSTILE[0], facts=facts, rows=rows, saes=sections, fronts=fronts(rows))
 
 
 def _outside_json(html: str) -> str:
@@ -183,7 +192,7 @@ def test_render_sweep_from_csv_and_json(tmp_path) -> None:
         assert "R² vs L0" in html and html.count("<circle") >= 40
         assert "<th>sparsity</th>" in html and 'id="sae0"' not in html
     (tmp_path / "bad.json").write_text('{"r2": 1}')
-    with pytest.raises(ValueError, match="list of result rows"):
+    with pytest.raises(SignSAEError, match="list of result rows"):
         render_sweep(tmp_path / "bad.json", tmp_path / "bad.html")
 
 
@@ -227,10 +236,16 @@ def tiny_run(model, tmp_path_factory):
 
 def test_real_run_report(model, tiny_run, tmp_path) -> None:
     run = tiny_run.out_dir
-    out = render(
-        run, tmp_path / "r.html", model=model, n_latents=2, n_tokens=32 * 6, n_examples=3,
-        alphas=(-1.0, 0.0, 1.0), n_prompts=1, prompt_len=12,
-    )  # fmt: skip
+    options = ReportOptions(
+        model=model,
+        n_latents=2,
+        n_tokens=32 * 6,
+        n_examples=3,
+        alphas=(-1.0, 0.0, 1.0),
+        n_prompts=1,
+        prompt_len=12,
+    )
+    out = render(run, tmp_path / "r.html", options)
     html = out.read_text()
     assert html.count('class="card"') == 4  # 2 signed latents, 2 matching gated latents
     assert "Latents of sa" in html and "Latents of gated" in html
@@ -243,7 +258,8 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
     props = json.loads(re.search(r'id="cv-props">(.*?)</script>', html, flags=re.S).group(1))
     assert props and all(p["props"]["tokens"] for p in props.values())
     # a non-negative SAE's dashboards show the latents matching the signed ones' directions
-    report = collect(run, model, latents={"sa": [0]}, n_tokens=32 * 4, alphas=())
+    few = ReportOptions(model=model, n_tokens=32 * 4, alphas=())
+    report = collect(run, replace(few, latents={"sa": [0]}))
     # the metrics table: the run's rows under the names of its sections
     assert [(r["name"], r["d_sae"]) for r in report.rows] == [("sa", 64), ("gated", 128)]
     assert all(r["r2"] > 0 and r["train_s"] > 0 for r in report.rows)
@@ -251,10 +267,10 @@ def test_real_run_report(model, tiny_run, tmp_path) -> None:
     sa_matches = [m.latent for m in report.saes[0].cards[0].matches]
     assert [c.latent for c in gated.cards] == sa_matches
     assert all(c.dial is None for c in gated.cards)
-    with pytest.raises(ValueError, match="out of range"):
-        collect(run, model, latents=[10_000], n_tokens=32 * 4, alphas=())
+    with pytest.raises(SignSAEError, match="out of range"):
+        collect(run, replace(few, latents=[10_000]))
     with pytest.raises(FileNotFoundError, match="no sweep.yaml"):
-        render(tmp_path, tmp_path / "x.html", model=model)
+        render(tmp_path, tmp_path / "x.html", few)
 
 
 def test_default_picks_are_distinct_axes() -> None:

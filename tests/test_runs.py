@@ -590,5 +590,7 @@ def test_an_out_of_memory_during_training_is_one_line_of_advice(tmp_path, tiny, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(runs.execute, "train_together", oom)
-    with pytest.raises(SignSAEError, match=r"Out of memory .* 8 SAE\(s\) at once: set data.saes_at_once to 4"):
+    with pytest.raises(
+        SignSAEError, match=r"Out of memory .* 8 SAE\(s\) at once: set data.saes_at_once to 4"
+    ):
         sweep(tiny_sweep(tmp_path), tiny)

@@ -20,7 +20,7 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.errors import SignSAEError
 from sign_sae.harvest import harvest
 from sign_sae.storage import read_weights
-from sign_sae.stream import ActivationStream, stop_layer
+from sign_sae.stream import ActivationStream
 from sign_sae.trainer import TrainConfig, Trainer, train_together
 
 HOOKS = ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_mid"]
@@ -35,12 +35,6 @@ def tokens(model) -> torch.Tensor:
 def stream(model, tokens, **kw) -> ActivationStream:
     kw = {"buffer_tokens": 512, "seed": 3, "forward_batch": 8, **kw}
     return ActivationStream(model, tokens, HOOKS, BATCH, **kw)
-
-
-def test_stop_layer_is_the_block_after_the_deepest_hook():
-    assert stop_layer(HOOKS) == 3
-    assert stop_layer(["blocks.0.hook_mlp_out"]) == 1
-    assert stop_layer(["blocks.4.attn.hook_z", "hook_embed"]) is None
 
 
 def test_an_epoch_is_every_row_of_the_model_once_and_batches_are_a_function_of_the_step(

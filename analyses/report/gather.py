@@ -8,16 +8,27 @@ that hook is encoded from the same activations.
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from analyses import logit_lens, polarity, steering
+from analyses import concentration, logit_lens, polarity, steering
+from analyses.frontier import pareto
 from analyses.pairs import matching_pair
-from analyses.report.layout import Card, Example, Match, Report, SAESection
+from analyses.report.layout import (
+    BALANCE_THRESHOLDS,
+    Card,
+    Controls,
+    Example,
+    Front,
+    Match,
+    Report,
+    SAESection,
+)
+from analyses.report.options import LatentSelection, ReportOptions
 from analyses.stream import hook_activations
 from sign_sae.corpus import load_texts, tokenize
 from sign_sae.errors import SignSAEError
@@ -27,41 +38,29 @@ from sign_sae.releases import CARD_FILE, find_release, load_pretrained
 from sign_sae.runs import RESULTS_JSON, SWEEP_FILE, load_sweep, trained_runs
 from sign_sae.storage import load_sae, read_json, read_table
 
-DEFAULT_ALPHAS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MAX_CARDS = 32  # dashboards per SAE; more selected latents are counted, not drawn
 WINDOW = (12, 4)  # tokens shown before and after each top activation
 LENS_TOKENS = 8
 N_CONTROLS = 2  # norm-matched random directions steered beside each latent
 DISTINCT_COSINE = 0.5  # default picks: |cos| of decoder directions at most this, pairwise
+NULL_SEED = 0  # the sign-flip null's seed: every control on the page draws the same null
 
-Latents = Sequence[int] | Mapping[str, Sequence[int]]
 # The columns of a run's results rows that the report's table reads.
 _ROW_KEYS = [f.name for f in fields(EvalResult)] + ["train_s", "steps"]
 
 
-def collect(
-    run_dir: str | Path,
-    model: Any | None = None,
-    latents: Latents | None = None,
-    n_latents: int = 4,
-    saes: Sequence[str] | None = None,
-    n_tokens: int = 8192,
-    n_examples: int = 8,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    n_prompts: int = 4,
-    prompt_len: int = 32,
-    batch_size: int = 8,
-) -> Report:
-    """The ``Report`` of a run folder (see ``analyses.report.render`` for the arguments)."""
+def collect(run_dir: str | Path, options: ReportOptions | None = None) -> Report:
+    """The ``Report`` of a run folder (``options.saes``: names of its SAEs, default all)."""
+    options = options or ReportOptions()
     run = Path(run_dir)
     if not (run / SWEEP_FILE).is_file():
         raise FileNotFoundError(
             f"{run} is not a run folder: no {SWEEP_FILE} (see `sign-sae train`)."
         )
     data = load_sweep(run).data
-    found = _trained(run, saes)
+    found = _trained(run, options.saes)
     loaded = {name: load_sae(run / record["folder"] / "sae") for name, record in found.items()}
-    source = Source(
+    source = ReportSource(
         title=f"sign-sae report: {run.resolve().name}",
         model_name=next(iter(found.values()))["model"],
         text=data.text,
@@ -69,35 +68,26 @@ def collect(
         context_size=data.context_size,
         rows=_result_rows(run, found),
     )
-    return _collect(source, loaded, model, latents, n_latents, n_tokens, n_examples, alphas,
-                    n_prompts, prompt_len, batch_size)  # fmt: skip
+    return _collect(source, loaded, options)
 
 
 def collect_release(
     release: str,
-    sae_ids: Sequence[str] | None = None,
-    model: Any | None = None,
-    latents: Latents | None = None,
-    n_latents: int = 4,
-    n_tokens: int = 8192,
-    n_examples: int = 8,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    n_prompts: int = 4,
-    prompt_len: int = 32,
-    batch_size: int = 8,
+    options: ReportOptions | None = None,
     text: str = "shakespeare",
     split: str = "validation",
     context_size: int = 128,
 ) -> Report:
-    """The ``Report`` of SAEs of a registered release (all of it, or ``sae_ids``), analysed on
-    ``split`` of ``text``; the metrics table shows the held-out metrics of each SAE's card
-    (``card.json`` beside a local release's weights) where it has one."""
-    ids = list(sae_ids) if sae_ids else list(find_release(release).saes_map)
+    """The ``Report`` of SAEs of a registered release (``options.saes``: its SAE ids, default
+    all), analysed on ``split`` of ``text``; the metrics table shows the held-out metrics of
+    each SAE's card (``card.json`` beside a local release's weights) where it has one."""
+    options = options or ReportOptions()
+    ids = list(options.saes) if options.saes else list(find_release(release).saes_map)
     loaded = {sae_id: load_pretrained(release, sae_id) for sae_id in ids}
     names = {sae.cfg.metadata.model_name for sae in loaded.values()}
     if len(names) != 1 or None in names:
         raise SignSAEError(f"A report reads one model; the SAEs {ids} name models {names}.")
-    source = Source(
+    source = ReportSource(
         title=f"sign-sae report: {release}",
         model_name=names.pop(),
         text=text,
@@ -105,12 +95,11 @@ def collect_release(
         context_size=context_size,
         rows=[row for sae_id in ids if (row := _card_row(release, sae_id)) is not None],
     )
-    return _collect(source, loaded, model, latents, n_latents, n_tokens, n_examples, alphas,
-                    n_prompts, prompt_len, batch_size)  # fmt: skip
+    return _collect(source, loaded, options)
 
 
 @dataclass
-class Source:
+class ReportSource:
     """Where a report's SAEs come from: its title, their model, the held-out text and the rows
     of its metrics table."""
 
@@ -120,6 +109,39 @@ class Source:
     split: str
     context_size: int
     rows: list[dict[str, Any]]
+
+
+def fronts(rows: Sequence[dict[str, Any]]) -> list[Front]:
+    """The rows with a finite R^2 and L0, per architecture, each with its Pareto front."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if _is_num(r.get("r2")) and _is_num(r.get("l0")):
+            groups.setdefault(str(r.get("architecture", r.get("arch", "all"))), []).append(r)
+    return [
+        Front(arch, rs, pareto(rs, key=lambda r: (r["l0"], r["r2"]))) for arch, rs in groups.items()
+    ]
+
+
+def controls(census: polarity.PolarityCensus, mirrored: polarity.PolarityCensus | None) -> Controls:
+    """One SAE's polarity and concentration statistics beside the controls they must beat: the
+    census on sign-mirrored inputs (``mirrored``) and the sign-flip null."""
+    null = census.sign_flip_null(NULL_SEED)
+    return Controls(
+        bipolar=census.bipolar_fraction(),
+        mass_bipolarity=census.mass_weighted_bipolarity(),
+        balance_curve=census.balance_curve(BALANCE_THRESHOLDS),
+        null_balance=census.expected_null_balance(),
+        null_bipolar=null.bipolar_fraction(),
+        top=concentration.top_latents(census, [10]),
+        null_top=concentration.top_latents(null, [10]),
+        mirrored_bipolar=mirrored.bipolar_fraction() if mirrored else None,
+        mirrored_mass_bipolarity=mirrored.mass_weighted_bipolarity() if mirrored else None,
+        mirrored_curve=mirrored.balance_curve(BALANCE_THRESHOLDS) if mirrored else None,
+    )
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _card_row(release: str, sae_id: str) -> dict[str, Any] | None:
@@ -132,32 +154,16 @@ def _card_row(release: str, sae_id: str) -> dict[str, Any] | None:
     return {"name": sae_id, **{k: held[k] for k in _ROW_KEYS if k in held}}
 
 
-def _collect(
-    source: Source,
-    loaded: dict[str, Any],
-    model: Any | None,
-    latents: Latents | None,
-    n_latents: int,
-    n_tokens: int,
-    n_examples: int,
-    alphas: Sequence[float],
-    n_prompts: int,
-    prompt_len: int,
-    batch_size: int,
-) -> Report:
+def _collect(source: ReportSource, loaded: dict[str, Any], options: ReportOptions) -> Report:
     """The report of the ``loaded`` SAEs (by name) on ``source``'s held-out text."""
-    if not 1 <= n_examples <= polarity.MAX_TOP_EXAMPLES:
-        raise SignSAEError(
-            f"n_examples must be in [1, {polarity.MAX_TOP_EXAMPLES}], got {n_examples}."
-        )
-    if n_latents < 0:
-        raise SignSAEError(f"n_latents must be >= 0, got {n_latents}.")
+    batch_size = options.batch_size
     hooks = {name: sae.cfg.metadata.hook_name for name, sae in loaded.items()}
     unhooked = [name for name, hook in hooks.items() if not hook]
     if unhooked:
         raise SignSAEError(f"SAEs {unhooked} name no hook in their cfg.json metadata.hook_name.")
-    model = model if model is not None else load_model(source.model_name)
-    tokens = tokenize(model, load_texts(source.text, source.split), source.context_size, n_tokens)
+    model = options.model if options.model is not None else load_model(source.model_name)
+    text = load_texts(source.text, source.split)
+    tokens = tokenize(model, text, source.context_size, options.n_tokens)
     n_batches = math.ceil(tokens.shape[0] / batch_size)
     acts = {
         hook: torch.cat(
@@ -177,7 +183,7 @@ def _collect(
             sae,
             acts[hooks[name]].split(batch_size),
             exclude_bos=True,
-            top_examples=n_examples,
+            top_examples=options.n_examples,
             hook_name=hooks[name],
         )
         for name, sae in loaded.items()
@@ -189,50 +195,59 @@ def _collect(
         for name, sae in loaded.items()
     }
     signed = {name: int(c.n_neg.sum()) > 0 for name, c in censuses.items()}
-    chosen = _selection(loaded, censuses, hooks, signed, latents, n_latents)
-    prompts = tokens[:n_prompts, :prompt_len]
-    words: dict[int, str] = {}
+    chosen = _selection(loaded, censuses, hooks, signed, options.latents, options.n_latents)
+    prompts = tokens[: options.n_prompts, : options.prompt_len]
+    reads = _Reads(model, tokens, acts, prompts, options.alphas, loaded, hooks, signed)
     sections = [
-        _section(name, loaded, hooks, signed, censuses[name], acts, tokens, chosen[name], words,
-                 (model, alphas, prompts))
-        for name in loaded
-    ]  # fmt: skip
-    for sec in sections:
-        sec.mirrored = mirrored[sec.name]
-    rows = source.rows
+        _section(reads, name, censuses[name], mirrored[name], chosen[name]) for name in loaded
+    ]
     facts = [
         ("model", source.model_name),
         ("hooks", ", ".join(dict.fromkeys(hooks.values()))),
         ("held-out text", f"{source.text} ({source.split} split)"),
         ("tokens analysed", f"{sections[0].census.n_tokens:,} (BOS excluded)"),
     ]
-    if alphas:
+    if options.alphas:
         facts.append(("steering prompts", f"{prompts.shape[0]} × {prompts.shape[1]} tokens"))
-    if not rows:
+    if not source.rows:
         facts.append(("metrics", "none recorded for these SAEs (`sign-sae eval` writes a run's)"))
-    return Report(title=source.title, facts=facts, rows=rows, saes=sections)
+    return Report(
+        title=source.title, facts=facts, rows=source.rows, saes=sections, fronts=fronts(source.rows)
+    )
+
+
+@dataclass
+class _Reads:
+    """What every section of one report reads: the model, the held-out tokens and their
+    activations per hook, the steering prompts and alphas, and the SAEs by name with their
+    hooks and whether they are signed; ``words`` caches token strings."""
+
+    model: Any
+    tokens: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    prompts: torch.Tensor
+    alphas: Sequence[float]
+    loaded: dict[str, Any]
+    hooks: dict[str, str]
+    signed: dict[str, bool]
+    words: dict[int, str] = field(default_factory=dict)
 
 
 def _section(
+    reads: _Reads,
     name: str,
-    loaded: dict[str, Any],
-    hooks: dict[str, str],
-    signed: dict[str, bool],
-    census: Any,
-    acts: dict[str, torch.Tensor],
-    tokens: torch.Tensor,
+    census: polarity.PolarityCensus,
+    mirrored: polarity.PolarityCensus,
     ids: list[int],
-    words: dict[int, str],
-    steer: tuple[Any, Sequence[float], torch.Tensor],
 ) -> SAESection:
-    """One SAE's section: its census and a card per chosen latent, with the latent's matches in
-    the other SAEs on the same hook. ``steer`` = (model, alphas, prompts)."""
-    model, alphas, prompts = steer
-    sae, hook = loaded[name], hooks[name]
-    others = [o for o in loaded if o != name and hooks[o] == hook]
+    """One SAE's section: its census beside its controls and a card per chosen latent, with
+    the latent's matches in the other SAEs on the same hook."""
+    sae, hook, loaded = reads.loaded[name], reads.hooks[name], reads.loaded
+    others = [o for o in loaded if o != name and reads.hooks[o] == hook]
+    signed = reads.signed
     cards = []
     for i in tqdm(ids[:MAX_CARDS], desc=f"report: {name} dashboards", unit="latent"):
-        card = _card(model, sae, census, acts[hook], tokens, i, alphas, prompts, words)
+        card = _card(reads, name, census, i)
         card.matches = [
             m for o in others for m in _matches(sae, i, signed[name], o, loaded[o], signed[o])
         ]
@@ -245,6 +260,7 @@ def _section(
         d_sae=sae.cfg.d_sae,
         params=[(n, tuple(p.shape)) for n, p in sae.named_parameters()],
         census=census,
+        controls=controls(census, mirrored),
         cards=cards,
         n_cut=max(len(ids) - MAX_CARDS, 0),
     )
@@ -299,7 +315,7 @@ def _selection(
     censuses: dict[str, polarity.PolarityCensus],
     hooks: dict[str, str],
     signed: dict[str, bool],
-    latents: Latents | None,
+    latents: LatentSelection | None,
     n_latents: int,
 ) -> dict[str, list[int]]:
     """Latent ids per SAE: as given, else the top ``n_latents`` by minority-sign mass (then
@@ -354,32 +370,23 @@ def _top(census: polarity.PolarityCensus, n: int, W_dec: torch.Tensor) -> list[i
     return picked
 
 
-def _card(
-    model: Any,
-    sae: Any,
-    census: polarity.PolarityCensus,
-    acts: torch.Tensor,
-    tokens: torch.Tensor,
-    latent: int,
-    alphas: Sequence[float],
-    prompts: torch.Tensor,
-    words: dict[int, str],
-) -> Card:
-    """One latent's dashboard: examples of both signs, logit lens, and (with ``alphas``) a
+def _card(reads: _Reads, name: str, census: polarity.PolarityCensus, latent: int) -> Card:
+    """One latent's dashboard: examples of both signs, logit lens, and (with alphas) a
     steering dial in typical firings of the latent, scored on targets fixed from the rows that
     are not steering prompts, beside norm-matched random directions on the same targets."""
+    model, sae, prompts, alphas = reads.model, reads.loaded[name], reads.prompts, reads.alphas
     notes = []
     lens = None
     try:
         lens = logit_lens.logit_lens(model, sae.W_dec[latent], k=LENS_TOKENS)
     except ValueError as e:
         notes.append(f"Logit lens skipped: {e}")
-    dial, controls = None, []
+    dial, random = None, []
     if alphas and int(census.n_fired[latent]) > 0:
         scale = steering.typical_scale(census, sae, latent)
         try:
             targets = steering.context_targets(
-                census, tokens, latent, LENS_TOKENS, exclude_rows=prompts.shape[0]
+                census, reads.tokens, latent, LENS_TOKENS, exclude_rows=prompts.shape[0]
             )
         except ValueError:
             targets = None
@@ -388,36 +395,35 @@ def _card(
                 "no next-token examples of both signs outside the prompts): any direction scores "
                 "well on its own lens tokens, so this dial has no control."
             )
-        dial = steering.dial(
-            model, sae, latent, alphas, prompts, scale=scale, k_tokens=LENS_TOKENS, targets=targets
+        spec = steering.DialSpec(
+            alphas, prompts, scale=scale, targets=targets, k_tokens=LENS_TOKENS
         )
+        dial = steering.dial(model, sae, latent, spec)
         if targets is not None:
-            controls = steering.random_dials(
-                model, sae, alphas, prompts, targets, n=N_CONTROLS, seed=latent, scale=scale
-            )
+            random = steering.random_dials(model, sae, spec, n=N_CONTROLS, seed=latent)
     elif alphas:
         notes.append("No steering dial: the latent never fired on these tokens.")
     return Card(
         latent=latent,
-        pos=_examples(sae, census.examples(latent, "+"), acts, tokens, latent, model, words),
-        neg=_examples(sae, census.examples(latent, "-"), acts, tokens, latent, model, words),
+        pos=_examples(reads, name, census.examples(latent, "+"), latent),
+        neg=_examples(reads, name, census.examples(latent, "-"), latent),
         lens=lens,
         dial=dial,
-        controls=controls,
+        controls=random,
         notes=notes,
     )
 
 
 def _examples(
-    sae: Any,
-    tops: list[tuple[int, int, float]],
-    acts: torch.Tensor,
-    tokens: torch.Tensor,
-    latent: int,
-    model: Any,
-    words: dict[int, str],
+    reads: _Reads, name: str, tops: list[tuple[int, int, float]], latent: int
 ) -> list[Example]:
     """A window of tokens around each top activation, with the latent's value on each token."""
+    sae, acts, tokens, words = (
+        reads.loaded[name],
+        reads.acts[reads.hooks[name]],
+        reads.tokens,
+        reads.words,
+    )
     before, after = WINDOW
     out = []
     for seq, pos, value in tops:
@@ -427,7 +433,7 @@ def _examples(
         ids = tokens[seq, start:end].tolist()
         for t in ids:
             if t not in words:
-                words[t] = logit_lens.token_strings(model, [t])[0]
+                words[t] = logit_lens.token_strings(reads.model, [t])[0]
         out.append(
             Example(
                 seq=seq,

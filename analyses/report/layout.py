@@ -1,6 +1,7 @@
 """Page assembly: a ``Report`` (numbers already computed) becomes one self-contained HTML page.
 
-Nothing here runs a model. Every string that comes from data (SAE names, tokens, column names,
+Nothing here runs a model or computes a statistic: ``gather`` fills in every number (fronts,
+concentration, the controls); this module only formats them. Every string that comes from data (SAE names, tokens, column names,
 values) is HTML-escaped; token examples go to circuitsvis through ``Components``.
 """
 
@@ -13,9 +14,10 @@ from importlib.resources import files
 from string import Template
 from typing import Any
 
+import torch
+
 import analyses.report.plots as plots
-from analyses import concentration
-from analyses.frontier import pareto
+from analyses.concentration import Concentration
 from analyses.logit_lens import LogitLens
 from analyses.polarity import PolarityCensus
 from analyses.report.circuits import (
@@ -29,7 +31,7 @@ from analyses.steering import Dial
 from sign_sae.metrics import BIPOLAR_BALANCE
 from sign_sae.runs import SUMMARY
 
-THRESHOLDS = [i / 40 for i in range(21)]  # balance thresholds 0, 0.025, ..., 0.5
+BALANCE_THRESHOLDS = [i / 40 for i in range(21)]  # the bipolar curve's x: 0, 0.025, ..., 0.5
 MAX_TABLE_ROWS = 2000
 # Columns of results.json that the metrics table leaves out (details of the ones it shows).
 _DETAIL_COLUMNS = {
@@ -82,8 +84,25 @@ class Card:
 
 
 @dataclass
+class Controls:
+    """One SAE's polarity and concentration statistics beside their controls: the same SAE on
+    sign-mirrored inputs (``mirrored_*``; None when not measured) and the sign-flip null."""
+
+    bipolar: float  # share of alive latents with balance >= BIPOLAR_BALANCE
+    mass_bipolarity: float  # minority-sign mass / all mass
+    balance_curve: list[float]  # bipolar fraction at each of BALANCE_THRESHOLDS
+    null_balance: torch.Tensor  # [d_sae] each latent's expected balance under the null
+    null_bipolar: float
+    top: Concentration  # minority-sign mass in the top latents (top-10 share)
+    null_top: Concentration  # the same for the sign-flip null
+    mirrored_bipolar: float | None = None
+    mirrored_mass_bipolarity: float | None = None
+    mirrored_curve: list[float] | None = None
+
+
+@dataclass
 class SAESection:
-    """One SAE: its results row, parameter tensors, census and latent dashboards."""
+    """One SAE: its results row, parameter tensors, census, controls and latent dashboards."""
 
     name: str
     architecture: str
@@ -92,19 +111,30 @@ class SAESection:
     d_sae: int
     params: list[tuple[str, tuple[int, ...]]]  # trainable tensors: (name, shape)
     census: PolarityCensus
+    controls: Controls
     cards: list[Card]
     n_cut: int = 0  # selected latents left without a dashboard
-    mirrored: PolarityCensus | None = None  # the census on sign-mirrored inputs (the control)
+
+
+@dataclass
+class Front:
+    """The results rows of one architecture on the R^2-vs-L0 figure, and their Pareto front."""
+
+    architecture: str
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
 
 
 @dataclass
 class Report:
-    """Everything one page shows; ``saes`` is empty for a sweep page."""
+    """Everything one page shows; ``saes`` is empty for a sweep page, ``fronts`` are ``rows``
+    by architecture."""
 
     title: str
     facts: list[tuple[str, str]]
     rows: list[dict[str, Any]]
     saes: list[SAESection] = field(default_factory=list)
+    fronts: list[Front] = field(default_factory=list)
 
 
 def page(report: Report) -> str:
@@ -232,7 +262,7 @@ def _parameters(saes: list[SAESection]) -> str:
 
 
 def _figures(report: Report) -> str:
-    figs = [f for f in (_frontier(report.rows),) if f]
+    figs = [f for f in (_frontier(report.fronts),) if f]
     if report.saes:
         figs += [_balance_hist(s, k) for k, s in enumerate(report.saes)]
         figs += [_bipolar_curve(report.saes), _concentration(report.saes)]
@@ -243,16 +273,14 @@ def _figures(report: Report) -> str:
     )
 
 
-def _frontier(rows: list[dict[str, Any]]) -> str | None:
+def _frontier(fronts: list[Front]) -> str | None:
     """R^2 against L0 per architecture, with each architecture's Pareto front as a line."""
-    usable = [r for r in rows if _is_num(r.get("r2")) and _is_num(r.get("l0"))]
+    usable = [r for f in fronts for r in f.rows]
     if len(usable) < 2:
         return None
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in usable:
-        groups.setdefault(str(r.get("architecture", r.get("arch", "all"))), []).append(r)
     series = []
-    for k, (arch, rs) in enumerate(groups.items()):
+    for k, group in enumerate(fronts):
+        arch, rs, front = group.architecture, group.rows, group.front
         col = plots.color(k)
         titles = [f"{r.get('name', '')} ({arch}): L0 {r['l0']:.4g}, R² {r['r2']:.4g}" for r in rs]
         labels = [str(r.get("name", "")) for r in rs] if len(usable) <= 12 else None
@@ -267,7 +295,6 @@ def _frontier(rows: list[dict[str, Any]]) -> str | None:
                 labels=labels,
             )
         )
-        front = pareto(rs, key=lambda r: (r["l0"], r["r2"]))
         if len(front) > 1:
             series.append(plots.Series("", [r["l0"] for r in front], [r["r2"] for r in front], col))
     xlog = all(r["l0"] > 0 for r in usable) and max(r["l0"] for r in usable) > 20 * min(
@@ -276,10 +303,6 @@ def _frontier(rows: list[dict[str, Any]]) -> str | None:
     return plots.chart(
         series, "R² vs L0 (held out)", "L0 (active latents per token)", "R²", xlog=xlog
     )
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _balance_hist(sec: SAESection, k: int) -> str:
@@ -292,7 +315,7 @@ def _balance_hist(sec: SAESection, k: int) -> str:
     width = 0.025
     edges = [i * width for i in range(20)]
     obs = _histogram(sec.census.balance[alive].tolist(), width, n)
-    null = _histogram(sec.census.expected_null_balance()[alive].tolist(), width, n)
+    null = _histogram(sec.controls.null_balance[alive].tolist(), width, n)
     return plots.chart(
         [
             plots.Series(
@@ -320,12 +343,10 @@ def _bipolar_curve(saes: list[SAESection]) -> str:
     series = []
     for k, sec in enumerate(saes):
         col = plots.color(k)
-        series.append(plots.Series(sec.name, THRESHOLDS, sec.census.balance_curve(THRESHOLDS), col))
-        if sec.mirrored is not None:
-            mirrored = sec.mirrored.balance_curve(THRESHOLDS)
-            series.append(
-                plots.Series(f"{sec.name} mirrored", THRESHOLDS, mirrored, col, dashed=True)
-            )
+        x, mirrored = BALANCE_THRESHOLDS, sec.controls.mirrored_curve
+        series.append(plots.Series(sec.name, x, sec.controls.balance_curve, col))
+        if mirrored is not None:
+            series.append(plots.Series(f"{sec.name} mirrored", x, mirrored, col, dashed=True))
     return plots.chart(
         series,
         "Bipolar fraction vs threshold",
@@ -341,14 +362,13 @@ def _concentration(saes: list[SAESection]) -> str:
     title = "Minority-sign mass in the top latents"
     series, skipped = [], []
     for k, sec in enumerate(saes):
-        conc = concentration.top_latents(sec.census, k=[1])
-        curve = conc.curve.tolist()
+        curve = sec.controls.top.curve.tolist()
         if not curve or not math.isfinite(curve[0]):
             skipped.append(sec.name)
             continue
         ranks = list(range(1, len(curve) + 1))
         series.append(plots.Series(f"{sec.name} @ {sec.hook}", ranks, curve, plots.color(k)))
-        null = concentration.top_latents(sec.census.sign_flip_null(0), k=[1]).curve.tolist()
+        null = sec.controls.null_top.curve.tolist()
         series.append(
             plots.Series(f"{sec.name} sign-flip null", ranks, null, plots.color(k), dashed=True)
         )
@@ -372,17 +392,14 @@ def _controls(saes: list[SAESection]) -> str:
     """Each polarity and concentration statistic beside the control it must beat."""
     rows = []
     for sec in saes:
-        c, m = sec.census, sec.mirrored
-        conc = concentration.top_latents(c, [10])
-        null = concentration.top_latents(c.sign_flip_null(0), [10])
+        c = sec.controls
         rows.append(
-            f"<tr><td class=l>{escape(sec.name)}</td><td>{fmt(c.l0, '{:.3g}')}</td>"
-            f"<td>{fmt(c.bipolar_fraction(), '{:.3f}')}</td>"
-            f"<td>{fmt(m.bipolar_fraction() if m else None, '{:.3f}')}</td>"
-            f"<td>{fmt(c.sign_flip_null(0).bipolar_fraction(), '{:.3f}')}</td>"
-            f"<td>{fmt(c.mass_weighted_bipolarity(), '{:.3f}')}</td>"
-            f"<td>{fmt(m.mass_weighted_bipolarity() if m else None, '{:.3f}')}</td>"
-            f"<td>{fmt(conc.share[0], '{:.3f}')}</td><td>{fmt(null.share[0], '{:.3f}')}</td></tr>"
+            f"<tr><td class=l>{escape(sec.name)}</td><td>{fmt(sec.census.l0, '{:.3g}')}</td>"
+            f"<td>{fmt(c.bipolar, '{:.3f}')}</td><td>{fmt(c.mirrored_bipolar, '{:.3f}')}</td>"
+            f"<td>{fmt(c.null_bipolar, '{:.3f}')}</td><td>{fmt(c.mass_bipolarity, '{:.3f}')}</td>"
+            f"<td>{fmt(c.mirrored_mass_bipolarity, '{:.3f}')}</td>"
+            f"<td>{fmt(c.top.share[0], '{:.3f}')}</td>"
+            f"<td>{fmt(c.null_top.share[0], '{:.3f}')}</td></tr>"
         )
     head = (
         "<tr><th class=l>SAE</th><th>L0</th><th>bipolar</th><th>mirrored</th>"
@@ -440,7 +457,7 @@ def _card(
     stats = (
         f'fired <span class="pos">+ {n_pos:,}</span> / <span class="neg">− {n_neg:,}</span> '
         f"of {c.n_tokens:,} tokens · balance {fmt(float(c.balance[i]), '{:.3f}')} "
-        f"(sign-flip null {fmt(float(c.expected_null_balance()[i]), '{:.3f}')}) · mass "
+        f"(sign-flip null {fmt(float(sec.controls.null_balance[i]), '{:.3f}')}) · mass "
         f'<span class="pos">+ {fmt(float(c.mass_pos[i]), "{:.4g}")}</span> / '
         f'<span class="neg">− {fmt(float(c.mass_neg[i]), "{:.4g}")}</span>'
     )
