@@ -26,7 +26,7 @@ CASES = {
     "tied_reference": ({}, False, False),
     "untied_sparse_decode": ({"tied": False}, False, True),
 }
-SHARDS = {2: (2,), 4: (2, 4)}  # world -> latent shard counts run (4 ranks: 2 x 2 and 1 x 4)
+WORLD, SHARDS = 4, (2, 4)  # one spawn of 4 ranks: meshes of 2 data x 2 latent shards, 1 x 4
 
 
 def _data() -> torch.Tensor:
@@ -84,13 +84,13 @@ def _error(fn) -> str:
     return "no error"
 
 
-def _errors(tmp: Path, world: int) -> dict[str, str]:
+def _errors(tmp: Path) -> dict[str, str]:
     """The one-line errors of bad sharding input, on every rank alike."""
     data = TensorBatches(_data(), 256)
     cfg = _cfg("tied", 2)
     return {
         "mesh": _error(lambda: Trainer(_sae("tied"), data, _cfg("tied", 3))),
-        "width": _error(lambda: Trainer(_sae("tied", width=50 if world == 4 else 47), data, cfg)),
+        "width": _error(lambda: Trainer(_sae("tied", width=50), data, _cfg("tied", 4))),
         "arch": _error(lambda: Trainer(make_training_sae("gated", D_IN, WIDTH, 1.0), data, cfg)),
         "checkpoint": _error(
             lambda: Trainer(_sae("tied", width=64), data, cfg, run_dir=tmp / "paused_by_2").run(
@@ -102,32 +102,28 @@ def _errors(tmp: Path, world: int) -> dict[str, str]:
 
 def _worker(rank: int, world: int, tmp: str) -> None:
     out, tensors = Path(tmp), {}
-    for shards in SHARDS[world]:
+    for shards in SHARDS:
         for case in CASES:
             state, history = _train(case, shards)
             tensors.update({f"{shards}/{case}/{k}": v for k, v in state.items()})
             tensors[f"{shards}/{case}/history"] = history
             step = _step(case, shards)
             tensors.update({f"{shards}/{case}/step/{k}": v for k, v in step.items()})
-    if world == 2:
-        _train("tied", 2, run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
-        sae = _sae("tied")
-        train(sae, TensorBatches(_data(), 256, seed=1), _cfg("tied", 2), progress=False)
-        if distributed.is_main():
-            save_sae(sae, out / "sae_by_2")
-        errors = _errors(out, world)
-    else:  # a 1-process checkpoint resumed on 4 latent shards
-        state, _ = _train("tied", 4, run_dir=out / "paused_by_1", resume=True)
-        tensors.update({f"resumed_by_4/{k}": v for k, v in state.items()})
-        errors = {}
+    _train("tied", 2, run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
+    state, _ = _train("tied", 4, run_dir=out / "paused_by_1", resume=True)
+    tensors.update({f"resumed_by_4/{k}": v for k, v in state.items()})
+    sae = _sae("tied")
+    train(sae, TensorBatches(_data(), 256, seed=1), _cfg("tied", 2), progress=False)
+    errors = _errors(out)
     if distributed.is_main():
-        save_file(tensors, out / f"ranks_{world}.safetensors")
-        (out / f"errors_{world}.json").write_text(json.dumps(errors))
+        save_sae(sae, out / "sae_by_2")
+        save_file(tensors, out / "ranks.safetensors")
+        (out / "errors.json").write_text(json.dumps(errors))
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[dict, dict[int, dict[str, torch.Tensor]], Path]:
-    """1-process references, then the same runs sharded on 2 and on 4 gloo ranks."""
+def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """1-process references, then the same runs on 4 gloo ranks, sharded 2 x 2 and 1 x 4."""
     tmp = tmp_path_factory.mktemp("shard")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -139,9 +135,8 @@ def runs(tmp_path_factory) -> tuple[dict, dict[int, dict[str, torch.Tensor]], Pa
         save_sae(sae, tmp / "sae_by_1")
     finally:
         torch.set_num_threads(threads)
-    for world in SHARDS:
-        run_ranks(_worker, world, str(tmp))
-    return single, {w: load_file(tmp / f"ranks_{w}.safetensors") for w in SHARDS}, tmp
+    run_ranks(_worker, WORLD, str(tmp))
+    return single, load_file(tmp / "ranks.safetensors"), tmp
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -149,11 +144,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("world,shards", [(2, 2), (4, 2), (4, 4)])
-def test_sharded_training_gives_the_one_process_weights(case, world, shards, runs):
-    single, ranks, _ = runs
+@pytest.mark.parametrize("shards", SHARDS)
+def test_sharded_training_gives_the_one_process_weights(case, shards, runs):
+    single, got, _ = runs
     state, history, _ = single[case]
-    got = ranks[world]
     for key, value in state.items():
         _close(got[f"{shards}/{case}/{key}"], value, key)
     # the logged loss terms, L0 and R^2 are over every shard and data rank
@@ -161,15 +155,15 @@ def test_sharded_training_gives_the_one_process_weights(case, world, shards, run
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("world,shards", [(2, 2), (4, 4)])
-def test_sharded_step_gives_the_one_process_latents_and_gradients(case, world, shards, runs):
+@pytest.mark.parametrize("shards", SHARDS)
+def test_sharded_step_gives_the_one_process_latents_and_gradients(case, shards, runs):
     single, ranks, _ = runs
     step = single[case][2]
     assert step["feature_acts"].count_nonzero() > 0
     norm = torch.nn.utils.get_total_norm([v for k, v in step.items() if k.startswith("grad/")])
     assert norm > 0.01  # so the clip to 0.01 (over every shard's norm) really scales
     for key, value in step.items():
-        _close(ranks[world][f"{shards}/{case}/step/{key}"], value, key)
+        _close(ranks[f"{shards}/{case}/step/{key}"], value, key)
 
 
 def test_threshold_resets_and_clipping_happen(runs):
@@ -191,7 +185,7 @@ def test_checkpoints_reshard_onto_another_number_of_ranks(runs):
         torch.set_num_threads(threads)
     for key, value in straight.items():
         _close(resumed[key], value, f"2 shards -> 1 process: {key}")
-        _close(ranks[4][f"resumed_by_4/{key}"], value, f"1 process -> 4 shards: {key}")
+        _close(ranks[f"resumed_by_4/{key}"], value, f"1 process -> 4 shards: {key}")
 
 
 def test_a_sharded_run_saves_one_saelens_folder(runs):
@@ -206,9 +200,9 @@ def test_a_sharded_run_saves_one_saelens_folder(runs):
 
 def test_bad_sharding_input_gets_one_line_errors(runs):
     _, _, tmp = runs
-    errors = json.loads((tmp / "errors_2.json").read_text())
-    assert "latent_shards=3 does not divide the world of 2" in errors["mesh"]
-    assert "d_sae=47 latents do not split into train.latent_shards=2" in errors["width"]
+    errors = json.loads((tmp / "errors.json").read_text())
+    assert "latent_shards=3 does not divide the world of 4" in errors["mesh"]
+    assert "d_sae=50 latents do not split into train.latent_shards=4" in errors["width"]
     assert "shards SA-GSAE only" in errors["arch"]
     assert "was written with another config" in errors["checkpoint"]
     assert "d_sae: 48 -> 64" in errors["checkpoint"]
