@@ -229,3 +229,26 @@ def test_sparse_decode_equals_the_dense_product():
     _close(a1.grad, a2.grad * (acts != 0), "grad acts")
     unused = (acts != 0).sum(0) == 0
     assert unused.any() and bool((W1.grad[unused] == 0).all())
+
+
+@pytest.mark.parametrize("case", ["tied", "untied"])
+def test_sparse_decode_step_equals_the_dense_step(case):
+    """One SA-GSAE step (losses, latents, every gradient) with the decoder products over the
+    active latents only, against the dense reference ops and the fused step."""
+    found = {}
+    for fused, sparse in ((True, False), (False, False), (False, True)):
+        sae = _sae(case)
+        sae.fused, sae.sparse_decode = fused, sparse
+        x = _data()[:256]
+        out = sae.training_forward_pass(TrainStepInput(x, {"sparsity": SPARSITY}, None, 0, False))
+        out.loss.backward()
+        found[fused, sparse] = {
+            "f": out.feature_acts.detach(),
+            **{k: v.detach() for k, v in out.losses.items()},
+            **{n: p.grad for n, p in sae.named_parameters()},
+        }
+    dense, reference, sparse = found.values()
+    assert dense["f"].count_nonzero() > 0 and "auxiliary_reconstruction_loss" in dense
+    for key, value in dense.items():
+        _close(sparse[key], value, f"sparse vs fused: {key}")
+        _close(sparse[key], reference[key], f"sparse vs reference: {key}")
