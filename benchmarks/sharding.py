@@ -122,7 +122,7 @@ def decode(args: argparse.Namespace) -> None:
 
         times = interleaved({k: step(s) for k, s in saes.items()}, args.rounds, device)
         with torch.no_grad():
-            l0 = (saes["fused dense"].training_forward_pass(step_in).feature_acts != 0)
+            l0 = saes["fused dense"].training_forward_pass(step_in).feature_acts != 0
             l0 = l0.sum(-1).float().mean().item()
         dense, ref, sparse = (times[k] for k in saes)
         rows.append(
