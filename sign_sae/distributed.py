@@ -122,8 +122,11 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(t, src)
 
 
-def reduce_gradients(params: Iterable[torch.nn.Parameter], weight: float) -> None:
-    """Replace each gradient by the sum over ranks of ``weight`` x that rank's gradient.
+def reduce_gradients(
+    params: Iterable[torch.nn.Parameter], weight: float, group: Any = None
+) -> None:
+    """Replace each gradient by the sum over ranks (of ``group``, default the world's) of
+    ``weight`` x that rank's gradient.
 
     With ``weight = local rows / global rows`` this is the gradient of a per-row mean over the
     global batch, whatever the shard sizes. Parameters without a gradient are skipped (they
@@ -134,7 +137,7 @@ def reduce_gradients(params: Iterable[torch.nn.Parameter], weight: float) -> Non
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         g.mul_(weight)
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+    for work in [dist.all_reduce(g, group=group, async_op=True) for g in grads]:
         work.wait()
 
 

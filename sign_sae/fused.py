@@ -20,6 +20,7 @@ Only the variant is static (``StepSpec``); the coefficients enter as tensors in 
 so a sparsity warm-up never recompiles.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,13 @@ class StepSpec:
     aux: bool  # aux_coefficient > 0
     centre: bool  # apply_b_dec_to_input
     compile: bool = False
+    # one shard of a latent-sharded SAE: completes a sum over latents in place over the
+    # shards (sign_sae.sharding); None unsharded
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def over_latents(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over this shard's latents completed over every shard's."""
+        return partial if self.total is None else self.total(partial)
 
 
 @dataclass
@@ -210,13 +218,13 @@ class SAGSAEStep(torch.autograd.Function):
             x_c = x - b_dec if spec.centre else x
             p = x_c.to(mm_dtype) @ W_enc.to(mm_dtype)
             f, m, u, mass = _kernel("forward", spec)(spec, p, lat, mm_dtype)
-            sae_out = _mm(f, W_dec, mm_dtype) + b_dec
+            sae_out = spec.over_latents(_mm(f, W_dec, mm_dtype)) + b_dec
             resid = sae_out - x
             mse = resid.pow(2).sum(-1).mean()
             rows = p.shape[0]
-            sparsity = sparsity_coefficient * (mass @ norms) / rows
+            sparsity = sparsity_coefficient * spec.over_latents(mass @ norms) / rows
             if u is not None:
-                resid_aux = _mm(u, W_dec, mm_dtype) + b_dec - x
+                resid_aux = spec.over_latents(_mm(u, W_dec, mm_dtype)) + b_dec - x
                 aux = aux_coefficient * resid_aux.pow(2).sum(-1).mean()
             else:
                 resid_aux, aux = None, torch.zeros((), dtype=x.dtype, device=x.device)
@@ -269,7 +277,7 @@ class SAGSAEStep(torch.autograd.Function):
                 dp_sum = lat.exp_r * grads.b_mag + grads.b_gate
                 if lat.untied:
                     dp_sum = dp_sum + lat.exp_r_neg * grads.b_mag_neg
-                grad_b_dec -= _mm(dp_sum[None], W_enc.T, mm_dtype)[0]
+                grad_b_dec -= spec.over_latents(_mm(dp_sum[None], W_enc.T, mm_dtype)[0])
             grad_norms = c * mass if ctx.needs_input_grad[7] else None
         return (
             None, None, None, None,

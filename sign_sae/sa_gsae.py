@@ -117,6 +117,19 @@ def bi_jump_relu(
     return BiJumpReLU.apply(z, threshold_pos, threshold_neg, bandwidth)
 
 
+def active_product(acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """acts @ W_dec from the non-zero entries of acts only (``embedding_bag``: each row sums
+    the decoder rows of its active latents, weighted by their values). Forward and backward
+    touch only those rows of W_dec and those entries of acts: k d work per row at L0 k, where
+    the dense product costs F d."""
+    flat = acts.reshape(-1, acts.shape[-1])
+    rows, cols = flat.nonzero(as_tuple=True)  # row-major: each row's latents together
+    counts = torch.bincount(rows, minlength=flat.shape[0])
+    offsets = counts.cumsum(0) - counts
+    out = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=flat[rows, cols])
+    return out.reshape(*acts.shape[:-1], W_dec.shape[1])
+
+
 # ---- configs -------------------------------------------------------------------------------
 class StrictSAGSAEConfig:
     """What both configs share: the architecture name, and strict parsing (unknown or wrongly
@@ -322,11 +335,18 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
     Speed switches (attributes, not config: they never change a result beyond rounding):
     ``fused`` runs the step as ``sign_sae.fused.SAGSAEStep`` where it applies;
     ``compile_step`` fuses its element-wise passes with ``torch.compile``. Under
-    ``torch.autocast`` the fused step's matmuls run in the autocast dtype.
+    ``torch.autocast`` the fused step's matmuls run in the autocast dtype. ``sparse_decode``
+    decodes from the active latents only (``active_product``; the reference path runs).
+
+    ``latent_sums`` (set by ``sign_sae.sharding.shard``, None otherwise) makes this SAE one
+    shard of a wider one: its partial reconstructions and per-row sums over latents are
+    completed over the other shards, and the centred input's gradient summed over them.
     """
 
     fused: bool = True
     compile_step: bool = False
+    sparse_decode: bool = False
+    latent_sums: Any = None  # sign_sae.sharding.LatentSums
 
     b_gate: nn.Parameter
     r_mag: nn.Parameter
@@ -399,10 +419,10 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         u = F.relu(pi - self.threshold_pos)
         if self.cfg.two_sided:
             u = u - F.relu(-pi - self.threshold_neg)
-        sparsity = (u.abs() * self.W_dec.norm(dim=1)).sum(-1).mean()
+        sparsity = self._over_latents((u.abs() * self.W_dec.norm(dim=1)).sum(-1)).mean()
         losses = {"sparsity_loss": coefficient * sparsity}
         if self.cfg.aux_coefficient > 0:
-            aux = (u @ self.W_dec + self.b_dec - target).pow(2).sum(-1).mean()
+            aux = (self._decoded(u) - target).pow(2).sum(-1).mean()
             losses["auxiliary_reconstruction_loss"] = self.cfg.aux_coefficient * aux
         return losses
 
@@ -426,7 +446,10 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         if self._can_fuse(sae_in):
             sae_out, f, m_pos, losses = self._fused_step(sae_in, coefficient)
         else:
-            p = self.process_sae_in(sae_in) @ self.W_enc
+            x_c = self.process_sae_in(sae_in)
+            if self.latent_sums is not None:
+                x_c = self.latent_sums.shared(x_c)
+            p = x_c @ self.W_enc
             f, m_pos = self._features(p)
             sae_out = self.decode(f)
             losses = {"mse_loss": (sae_out - sae_in).pow(2).sum(-1).mean()}
@@ -450,6 +473,7 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         )
         return (
             self.fused
+            and not self.sparse_decode
             and not sae_in.requires_grad
             and self.cfg.normalize_activations == "none"
             and not self.hook_z_reshaping_mode
@@ -469,6 +493,7 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
             aux=cfg.aux_coefficient > 0,
             centre=cfg.apply_b_dec_to_input,
             compile=self.compile_step,
+            total=None if self.latent_sums is None else self.latent_sums.total_,
         )
         sae_out, f, m_pos, mse, sparsity, aux = SAGSAEStep.apply(
             spec,
@@ -497,6 +522,23 @@ class SAGSAETrainingSAE(SAGSAEForms, TrainingSAE[SAGSAETrainingSAEConfig]):
         names = ("b_gate", *THRESHOLDS, "r_mag", "b_mag", "r_mag_neg", "b_mag_neg")
         have = lambda n: n in self._parameters or RAW + n in self._parameters  # noqa: E731
         return [getattr(self, n) if have(n) else None for n in names]
+
+    # ---- decoding ----------------------------------------------------------------------------
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sae_out = self.hook_sae_recons(self._decoded(feature_acts))
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    def _decoded(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts W_dec + b_dec over every shard's latents; from the active ones only with
+        ``sparse_decode``."""
+        partial = active_product(acts, self.W_dec) if self.sparse_decode else acts @ self.W_dec
+        return self._over_latents(partial) + self.b_dec
+
+    def _over_latents(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over this SAE's latents completed over every shard's (itself unsharded)."""
+        return partial if self.latent_sums is None else self.latent_sums.total(partial)
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:

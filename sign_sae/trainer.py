@@ -37,7 +37,7 @@ from sae_lens import TrainingSAE
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from tqdm.auto import tqdm
 
-from sign_sae import distributed
+from sign_sae import distributed, sharding
 from sign_sae.errors import DivergedError, SignSAEError
 from sign_sae.storage import (
     atomic_write_text,
@@ -62,7 +62,7 @@ CHECKPOINT_FILES = (
 )
 # TrainConfig fields that never change a result (compile: beyond rounding): a resume may
 # change them.
-BOOKKEEPING = ("checkpoint_every", "log_every", "compile")
+BOOKKEEPING = ("checkpoint_every", "log_every", "compile", "latent_shards", "sparse_decode")
 AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -93,6 +93,10 @@ class TrainConfig:
     # optimiser state and gradients stay fp32); "float32": off
     autocast_dtype: str = "float32"
     compile: bool = False  # fuse the SA-GSAE step's element-wise passes (torch.compile)
+    # split the SA-GSAE's latents over this many ranks (world = data x latent_shards ranks;
+    # sign_sae.sharding, docs/distributed.md); 1 = data parallel only
+    latent_shards: int = 1
+    sparse_decode: bool = False  # SA-GSAE: decode from the active latents only
 
     def __post_init__(self) -> None:
         coerce_fields(self, "train.")  # YAML's lr: 1e-3 is a string; refuse what does not convert
@@ -289,6 +293,9 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         torch.manual_seed(cfg.seed)
+        self.full, self.mesh = sae, sharding.Mesh.of(cfg.latent_shards, sae.device)
+        if self.mesh.sharded:  # this rank trains its shard; ``full`` gets them back in run()
+            sae = sharding.shard(sae, self.mesh)
         self.sae, self.data, self.cfg, self.progress = sae, data, cfg, progress
         self.ckpt_root = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.constrained = isinstance(sae, Constrained)
@@ -303,6 +310,10 @@ class Trainer:
             log.warning("train.compile: %s has no compiled step; it runs eager", type(sae).__name__)
         elif hasattr(sae, "compile_step"):
             sae.compile_step = cfg.compile
+        if cfg.sparse_decode and not hasattr(sae, "sparse_decode"):
+            log.warning("train.sparse_decode: %s decodes densely", type(sae).__name__)
+        elif hasattr(sae, "sparse_decode"):
+            sae.sparse_decode = cfg.sparse_decode
         dtype = AUTOCAST_DTYPES[cfg.autocast_dtype]
         self.autocast = lambda: torch.autocast(
             sae.device.type, dtype, enabled=dtype != torch.float32
@@ -338,9 +349,10 @@ class Trainer:
                 distributed.all_reduce_sum(torch.tensor([scale], dtype=torch.float64)).item()
                 / world
             )
-        self.local = _local_share(self.data, world) if world > 1 else self.data
+        mesh = self.mesh
+        self.local = _local_share(self.data, mesh) if mesh.data > 1 else self.data
         if world > 1:
-            _start_together(sae, self.step)
+            _start_together(sae, self.step, broadcast=not mesh.sharded)
         sae.train()
         self._t0 = time.perf_counter()
 
@@ -367,6 +379,9 @@ class Trainer:
         if self.ckpt_root is not None:
             self.save_checkpoint(self.wall_before)
             distributed.barrier()  # on every rank, the checkpoint exists once run() returns
+        if self.mesh.sharded:  # the whole SAE again, on every rank
+            sharding.unshard(self.sae, self.full, self.mesh)
+            self.sae = self.full
         if self.done:
             self.sae.eval()
             if self.scale != 1.0:
@@ -399,10 +414,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         n_rows, fired = self._reduce_step(out, step)
         out.loss.backward()
-        if distributed.get_world() > 1:
-            distributed.reduce_gradients(sae.parameters(), out.sae_in.shape[0] / n_rows)
+        if self.mesh.data > 1:
+            weight = out.sae_in.shape[0] / n_rows
+            distributed.reduce_gradients(sae.parameters(), weight, self.mesh.group("data"))
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            sharding.clip_gradients(sae, cfg.grad_clip, self.mesh)
         self.opt.step()
         with torch.no_grad():
             clock += n_rows
@@ -412,7 +428,7 @@ class Trainer:
         self.step = step + 1
         if self.step % cfg.log_every and self.step != cfg.total_steps:
             return None
-        row = _log_row(self.step, out)
+        row = _log_row(self.step, out, self.mesh)
         self.history.append(row)
         log.debug("step %d %s", self.step, row)
         return row
@@ -423,7 +439,7 @@ class Trainer:
         global loss. One all-reduce under torchrun, none in one process."""
         active = (out.feature_acts != 0).reshape(-1, self.sae.cfg.d_sae)
         n_local = active.shape[0]
-        if distributed.get_world() == 1:
+        if self.mesh.data == 1:
             if not torch.isfinite(out.loss):
                 raise _loss_error(step, out.loss.item())
             return n_local, active.any(0)
@@ -434,7 +450,7 @@ class Trainer:
                 active.any(0).double(),
             ]
         )
-        distributed.all_reduce_sum(stats)
+        self.mesh.sum_(stats, "data")
         n_rows = int(stats[0])
         if not math.isfinite(stats[1].item() / n_rows):
             raise _loss_error(step, stats[1].item() / n_rows)
@@ -443,10 +459,17 @@ class Trainer:
     def save_checkpoint(self, wall: float) -> None:
         """Write ``step_<n>/`` atomically with its hashes and check it reads back; then point
         ``latest`` at it and drop all but it and the one before (kept to fall back on)."""
-        if not distributed.is_main() or self.ckpt_root is None:
+        if self.ckpt_root is None:
             return
-        check_finite(self.sae.state_dict(), f"the SAE at step {self.step}")
-        flat, groups = _optimizer_tensors(self.opt)
+        weights, (flat, groups) = self.sae.state_dict(), _optimizer_tensors(self.opt)
+        clock = {"tokens_since_fired": self.tokens_since_fired}
+        if self.mesh.sharded:  # the 1-process checkpoint, gathered on every rank
+            names = sharding.optimizer_names(self.sae, self.opt)
+            weights, clock = (sharding.gather_state(s, self.mesh) for s in (weights, clock))
+            flat = sharding.gather_state(flat, self.mesh, names)
+        if not distributed.is_main():
+            return
+        check_finite(weights, f"the SAE at step {self.step}")
         state = {
             "step": self.step,
             "scaling_factor": self.scale,
@@ -456,13 +479,7 @@ class Trainer:
             "train_config": asdict(self.cfg),
         }
         name = f"step_{self.step:09d}"
-        contents = (
-            self.sae.state_dict(),
-            self.sae.cfg.to_dict(),
-            flat,
-            {"tokens_since_fired": self.tokens_since_fired},
-            state,
-        )
+        contents = (weights, self.full.cfg.to_dict(), flat, clock, state)
         folder = self.ckpt_root / name
         write_folder(folder, dict(zip(CHECKPOINT_FILES, contents, strict=True)))
         read_checkpoint(folder)  # the pointer moves only once the new folder reads back whole
@@ -496,16 +513,21 @@ class Trainer:
         checking that the SAE and training configs are the ones it was written with."""
         state = ckpt["state"]
         ours = {k: v for k, v in asdict(self.cfg).items() if k not in BOOKKEEPING}
-        changed = config_changes(ckpt["sae_cfg"], self.sae.cfg.to_dict())
+        changed = config_changes(ckpt["sae_cfg"], self.full.cfg.to_dict())
         changed += config_changes(state["train_config"], ours)
         if changed:
             raise SignSAEError(
                 f"{folder} was written with another config ({'; '.join(changed)}). Resume with "
                 f"the same settings, or delete {folder.parent} to start again with the new ones."
             )
-        self.sae.load_state_dict(ckpt["sae"])
-        _load_optimizer(self.opt, ckpt["optimizer"], state["param_groups"])
-        self.tokens_since_fired = ckpt["clock"]
+        weights, flat, clock = ckpt["sae"], ckpt["optimizer"], {"tokens_since_fired": ckpt["clock"]}
+        if self.mesh.sharded:  # this rank's shard of the 1-process checkpoint
+            names = sharding.optimizer_names(self.sae, self.opt)
+            weights, clock = (sharding.local_state(s, self.mesh) for s in (weights, clock))
+            flat = sharding.local_state(flat, self.mesh, names)
+        self.sae.load_state_dict(weights)
+        _load_optimizer(self.opt, flat, state["param_groups"])
+        self.tokens_since_fired = clock["tokens_since_fired"]
         self.step, self.history = state["step"], state["history"]
         self.scale, self.wall_before = state["scaling_factor"], state["wall_s"]
         log.info("resumed from %s at step %d", folder, self.step)
@@ -590,30 +612,32 @@ def _loss_error(step: int, loss: float) -> DivergedError:
     )
 
 
-def _local_share(data: BatchSource, world: int) -> BatchSource:
-    """This rank's share of every global batch."""
+def _local_share(data: BatchSource, mesh: sharding.Mesh) -> BatchSource:
+    """This rank's share of every global batch (split over the data dimension)."""
     if not hasattr(data, "shard"):
         raise TypeError(
             f"Data-parallel training needs batches with a shard(rank, world) method (as "
             f"TensorBatches has); {type(data).__name__} has none."
         )
-    return data.shard(distributed.get_rank(), world)
+    return data.shard(mesh.data_rank, mesh.data)
 
 
-def _start_together(sae: TrainingSAE, start: int) -> None:
-    """Check every rank starts at the same step, then give all of them rank 0's weights."""
+def _start_together(sae: TrainingSAE, start: int, broadcast: bool = True) -> None:
+    """Check every rank starts at the same step, then give all of them rank 0's weights
+    (a shard has them already: ``sharding.shard``)."""
     if not distributed.same_on_all_ranks(start):
         raise SignSAEError(
             "Ranks found different checkpoints to resume from; the run folder must be on a "
             "file system that every node shares."
         )
-    distributed.broadcast_tensors([t.detach() for t in (*sae.parameters(), *sae.buffers())])
+    if broadcast:
+        distributed.broadcast_tensors([t.detach() for t in (*sae.parameters(), *sae.buffers())])
 
 
 @torch.no_grad()
-def _log_row(step: int, out: TrainStepOutput) -> dict[str, float]:
+def _log_row(step: int, out: TrainStepOutput, mesh: sharding.Mesh) -> dict[str, float]:
     """Loss terms, L0 and R^2 (around the batch mean) over the global batch: float64 sums,
-    all-reduced under torchrun."""
+    all-reduced under torchrun (the active latents over the latent shards too)."""
     x = out.sae_in.double()
     n = x.shape[0]
     sums = torch.cat(
@@ -622,12 +646,12 @@ def _log_row(step: int, out: TrainStepOutput) -> dict[str, float]:
             torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())]).double()
             * n,
             (out.sae_out.double() - x).pow(2).sum().reshape(1),
-            (out.feature_acts != 0).sum().double().reshape(1),
+            mesh.sum_((out.feature_acts != 0).sum().double().reshape(1), "latents"),
             x.pow(2).sum().reshape(1),
             x.sum(0),
         ]
     )
-    distributed.all_reduce_sum(sums)
+    mesh.sum_(sums, "data")
     n_rows, k = sums[0].item(), len(out.losses)
     losses = (sums[1 : k + 2] / n_rows).tolist()
     resid, active, sq = sums[k + 2 : k + 5].tolist()

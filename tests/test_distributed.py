@@ -3,7 +3,9 @@
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,8 +113,13 @@ def _train_runs(out: Path) -> list[int]:
     return sorted(int(i) for c in stream.mine for i in stream.chunks[c])
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    """One rank, set up from the variables torchrun would export."""
+def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """``fn(rank, world, *args)`` on ``world`` gloo processes, each joined to the group from
+    the variables torchrun would export (``fn`` at module level, so that spawn finds it)."""
+    mp.spawn(_rank, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def _rank(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -121,27 +128,32 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    out = Path(tmp)
     with distributed.session():
         assert distributed.get_world() == world and distributed.get_rank() == rank
-        tensors = {}
-        for name in RUNS:
-            state, history, resets = _train(name)
-            tensors.update({f"{name}/{k}": v for k, v in state.items()})
-            tensors[f"{name}/resets"] = torch.tensor(resets)
-            tensors[f"{name}/history"] = torch.tensor([list(r.values()) for r in history])
-        _train("sa_gsae", run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
-        state, _, _ = _train("sa_gsae", run_dir=out / "paused_by_1", resume=True)
-        tensors.update({f"resumed_by_2/{k}": v for k, v in state.items()})
-        mine = [(i, distributed.get_rank()) for i in distributed.shard(range(7))]
-        table = distributed.gather_rows(mine, key=lambda row: row[0])
-        tensors["table"] = torch.tensor(table)
-        rows = _sweep(out / "sweep_by_2")
-        (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
-        seen = _train_runs(out / "train_by_2")
-        (out / f"sequences_{rank}.json").write_text(json.dumps(seen))
-        if distributed.is_main():
-            save_file(tensors, out / "ranks.safetensors")
+        fn(rank, world, *args)
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    """One rank of the data-parallel runs."""
+    out = Path(tmp)
+    tensors = {}
+    for name in RUNS:
+        state, history, resets = _train(name)
+        tensors.update({f"{name}/{k}": v for k, v in state.items()})
+        tensors[f"{name}/resets"] = torch.tensor(resets)
+        tensors[f"{name}/history"] = torch.tensor([list(r.values()) for r in history])
+    _train("sa_gsae", run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
+    state, _, _ = _train("sa_gsae", run_dir=out / "paused_by_1", resume=True)
+    tensors.update({f"resumed_by_2/{k}": v for k, v in state.items()})
+    mine = [(i, distributed.get_rank()) for i in distributed.shard(range(7))]
+    table = distributed.gather_rows(mine, key=lambda row: row[0])
+    tensors["table"] = torch.tensor(table)
+    rows = _sweep(out / "sweep_by_2")
+    (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
+    seen = _train_runs(out / "train_by_2")
+    (out / f"sequences_{rank}.json").write_text(json.dumps(seen))
+    if distributed.is_main():
+        save_file(tensors, out / "ranks.safetensors")
 
 
 def _free_port() -> int:
@@ -163,7 +175,7 @@ def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
         _train_runs(tmp / "train_by_1")
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    run_ranks(_worker, 2, str(tmp))
     return single, load_file(tmp / "ranks.safetensors"), tmp
 
 

@@ -166,11 +166,12 @@ def run_plan(
 
 
 def groups(runs: list[Run], at_once: int) -> list[list[Run]]:
-    """Runs that train from one pass over the stream: those with the same batch size, at most
-    ``at_once`` (0: no limit) per group, in plan order."""
-    by_batch: dict[int, list[Run]] = {}
+    """Runs that train from one pass over the stream: those with the same batch size (and
+    latent shards, which decide each rank's share), at most ``at_once`` (0: no limit) per
+    group, in plan order."""
+    by_batch: dict[tuple[int, int], list[Run]] = {}
     for run in runs:
-        by_batch.setdefault(run.train.batch_size, []).append(run)
+        by_batch.setdefault((run.train.batch_size, run.train.latent_shards), []).append(run)
     size = at_once or max(len(runs), 1)
     return [g[i : i + size] for g in by_batch.values() for i in range(0, len(g), size)]
 
@@ -233,8 +234,9 @@ def train_group(
 def training_stream(
     cfg: SweepConfig, model_name: str, model: Any, tokens: torch.Tensor, runs: list[Run]
 ) -> ActivationStream:
-    """The stream of the training split at the runs' hooks; this rank's share under torchrun."""
-    data = cfg.data
+    """The stream of the training split at the runs' hooks; under torchrun this rank's share,
+    the same for every latent shard of one data rank (``sign_sae.sharding``)."""
+    data, shards = cfg.data, runs[0].train.latent_shards
     cache = None
     if data.cache:
         key = {
@@ -258,8 +260,8 @@ def training_stream(
         forward_batch=data.harvest_batch_size,
         cache_dir=cache,
         model_name=model_name,
-        rank=distributed.get_rank(),
-        world=distributed.get_world(),
+        rank=distributed.get_rank() // shards,
+        world=max(1, distributed.get_world() // shards),
     )
 
 
