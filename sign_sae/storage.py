@@ -32,8 +32,8 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sign_sae.devices import check_device
 from sign_sae.errors import SignSAEError
-from sign_sae.models import check_device
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ from analyses.report import write as write_report
 from analyses.report.layout import Report
 from sign_sae import runs, storage
 from sign_sae.architectures import make_training_sae
+from sign_sae.devices import check_device
 from sign_sae.errors import DivergedError, SignSAEError
 from sign_sae.export import export_run
 from sign_sae.harvest import METADATA_FILE, ActivationCache, InvalidCacheError, harvest
-from sign_sae.models import check_device, hook_name, mid_layer
+from sign_sae.models import hook_name, mid_layer
 from sign_sae.storage import (
     MANIFEST,
     atomic_write_bytes,

@@ -38,13 +38,15 @@ from safetensors.torch import save
 from sign_sae import distributed
 from sign_sae.architectures import parameter_count
 from sign_sae.corpus import load_texts, tokenize
+from sign_sae.devices import check_device
 from sign_sae.errors import SignSAEError
 from sign_sae.evaluate import HeldOut
 from sign_sae.harvest import DTYPES, ActivationCache, fingerprint, harvest
 from sign_sae.metrics import SequenceStats
-from sign_sae.models import check_device, load_model
-from sign_sae.runs import memory
+from sign_sae.models import load_model
 from sign_sae.runs.config import SWEEP_FILE, DataConfig, SweepConfig
+from sign_sae.runs.memory import check as check_memory
+from sign_sae.runs.memory import out_of_memory
 from sign_sae.runs.spec import (
     FAILED_FILE,
     TRAIN_FILE,
@@ -192,7 +194,7 @@ def train_group(
         todo = [r for r in group if not r.trained]
         if not todo:
             return []
-        memory.check(todo, data)
+        check_memory(todo, data)
         stream = training_stream(cfg, name, model, inputs.tokens(model, "train"), todo)
         stream.check_supply(max(r.train.total_steps for r in todo), data.epochs)
         trainers = []
@@ -207,7 +209,7 @@ def train_group(
         try:
             results = train_together(trainers, progress=progress)
         except (torch.OutOfMemoryError, MemoryError) as e:
-            raise memory.out_of_memory(todo, data) from e
+            raise out_of_memory(todo, data) from e
         for run, trainer, result in zip(todo, trainers, results, strict=True):
             if isinstance(result, Exception):
                 failed.append((run, result))
