@@ -1,4 +1,5 @@
-"""Harvest throughput: ``sign_sae.harvest`` (to disk) vs SAELens's ``ActivationsStore``.
+"""Harvest and stream throughput: ``sign_sae.harvest`` (to disk) and the training stream
+(``sign_sae.stream``, in memory) vs SAELens's ``ActivationsStore``.
 
 Same model, tokens, hooks and batch size. SAELens's store returns the activations in memory
 (``get_raw_llm_batch``; ``get_multi_hook_activations`` for several hooks from one pass);
@@ -6,6 +7,8 @@ Same model, tokens, hooks and batch size. SAELens's store returns the activation
 through the model. Runs are interleaved; every ``harvest`` run writes a fresh folder. The bf16
 rows run the model under bfloat16 autocast (``forward_dtype``), which SAELens's store can do
 too (``autocast_lm``); they are within ``BF16_FORWARD_RTOL`` of float32 (tests/test_harvest.py).
+The stream rows read one epoch of 1024-row batches (the forward, the buffer's shuffle and the
+batch cuts) and are compared with SAELens's store at equal precision (``autocast_lm``).
 
     python -m benchmarks.harvest                        # SmolLM2-135M, middle layer, 2048 tokens
     python -m benchmarks.harvest --tokens 32768 --batch 64 --rounds 5
@@ -25,6 +28,7 @@ from sign_sae.corpus import load_texts, tokenize
 from sign_sae.harvest import harvest
 from sign_sae.markdown import markdown_table
 from sign_sae.models import hook_name, load_model, mid_layer
+from sign_sae.stream import ActivationStream
 
 
 def saelens_store(
@@ -106,6 +110,22 @@ def main() -> None:
 
         return run
 
+    def stream(hooks: list[str]):
+        def run() -> None:
+            s = ActivationStream(
+                model,
+                tokens,
+                hooks,
+                1024,
+                buffer_tokens=tokens.numel(),
+                forward_dtype=torch.bfloat16,
+                forward_batch=args.batch,
+            )
+            for k in range(s.rows_per_epoch // 1024):
+                s.batch(k)
+
+        return run
+
     bf16 = torch.bfloat16
     candidates = {
         "SAELens ActivationsStore, 1 hook (memory)": theirs(one),
@@ -116,6 +136,8 @@ def main() -> None:
         "sign_sae harvest, 3 hooks, 1 pass (disk)": ours(three),
         "sign_sae harvest, 3 hooks, 1 pass, bf16 forward (disk)": ours(three, bf16),
         "SAELens multi-hook store, 3 hooks, autocast_lm (bf16, memory)": theirs(three, True),
+        "sign_sae stream, 1 hook, bf16 forward (memory)": stream(one),
+        "sign_sae stream, 3 hooks, 1 pass, bf16 forward (memory)": stream(three),
     }
     try:
         times = interleaved(candidates, args.rounds, torch.device("cpu"))
@@ -125,7 +147,8 @@ def main() -> None:
     names = list(candidates)
     rows = []
     for i, name in enumerate(names):
-        base = times[names[i - i % 4]]  # SAELens (float32) with the same hooks
+        # SAELens float32 with the same hooks; for the stream, SAELens bf16 (equal precision)
+        base = times[names[i - i % 4] if i < 8 else names[3 + 4 * (i - 8)]]
         rows.append(
             [
                 name,
@@ -141,7 +164,8 @@ def main() -> None:
     )
     print(
         markdown_table(
-            ["harvest", "s (median)", "tokens/s", "speed vs SAELens fp32 (same hooks)"], rows
+            ["harvest", "s (median)", "tokens/s", "speed vs SAELens (same hooks; stream: bf16)"],
+            rows,
         )
     )
     print(machine())

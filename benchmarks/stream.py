@@ -2,11 +2,15 @@
 
 - ``memory``: peak RSS of ``python -m sign_sae train`` (one subprocess per budget, ``wait4``)
   against the training-token budget, for one SAE and for a 10-SAE sweep, every token seen once;
+- ``train``: one SA-GSAE trained on the same tokens the old way (harvest to disk, load the split
+  into memory, ``TensorBatches``) and streamed (``ActivationStream`` on the fly), interleaved
+  rounds in one process: tokens/s end to end, forward included;
 - ``sweep``: the wall time of a 10-SAE sweep (SA-GSAE H and Gated 2H x 5 sparsities) from one
   stream, from one stream per SAE (10 sequential runs, each paying the forward) and with SAELens's
   ``MultiSAETrainingRunner`` on the same token rows, side by side in one process.
 
     python -m benchmarks.stream memory --budgets 51200 204800 409600 1280000
+    python -m benchmarks.stream train --budget 51200 --rounds 3
     python -m benchmarks.stream sweep --budget 102400
 """
 
@@ -18,10 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from datasets import Dataset
+from sae_lens import LoggingConfig, MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 
-from benchmarks.common import machine
+from benchmarks.common import interleaved, machine, median, paired_ratio
+from sign_sae.architectures import make_training_sae, training_config
+from sign_sae.corpus import load_texts, tokenize
+from sign_sae.harvest import harvest
 from sign_sae.markdown import markdown_table
+from sign_sae.models import load_model
+from sign_sae.runs import Inputs, SweepConfig, run_plan
+from sign_sae.stream import ActivationStream
+from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 BATCH = 1024
 SPARSITIES = [1.0, 2.0, 4.0, 8.0, 16.0]
@@ -73,12 +87,6 @@ def memory(budgets: list[int]) -> str:
 
 def sweep(tokens: int) -> str:
     """Wall time of the 10-SAE sweep three ways (one process, the model loaded once)."""
-    from datasets import Dataset
-    from sae_lens import LoggingConfig, MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
-
-    from sign_sae.architectures import training_config
-    from sign_sae.models import load_model
-    from sign_sae.runs import Inputs, SweepConfig, run_plan
 
     model = load_model()
     rows = []
@@ -131,6 +139,37 @@ def sweep(tokens: int) -> str:
     )
 
 
+def train_speed(tokens: int, rounds: int) -> str:
+    """Tokens/s of one SA-GSAE (H = 2 d, coefficient 4, one epoch of 1024-row batches) on the
+    in-memory path and on the stream, both with the bf16 forward."""
+
+    model = load_model()
+    rows_in = tokenize(model, load_texts(split="train"), 128, tokens)
+    hook, n = "blocks.15.hook_mlp_out", rows_in.shape[0] * 127
+    cfg = TrainConfig(total_steps=n // BATCH, batch_size=BATCH, lr=3e-3)
+    bf16 = torch.bfloat16
+
+    def sae():
+        torch.manual_seed(0)
+        return make_training_sae("sa_gsae", 576, 1152, 4.0)
+
+    def in_memory() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            acts = harvest(model, rows_in, [hook], Path(tmp), forward_dtype=bf16)[hook].load()
+        train(sae(), TensorBatches(acts, BATCH), cfg, progress=False)
+
+    def streamed() -> None:
+        s = ActivationStream(model, rows_in, [hook], BATCH, forward_dtype=bf16)
+        train(sae(), s.view(hook), cfg, progress=False)
+
+    times = interleaved({"in memory": in_memory, "streamed": streamed}, rounds, torch.device("cpu"))
+    table = [[name, f"{median(t):.1f}", f"{n / median(t):,.0f}"] for name, t in times.items()]
+    ratio = paired_ratio(times["in memory"], times["streamed"])
+    return markdown_table(["one SA-GSAE, forward included", "s (median)", "tokens/s"], table) + (
+        f"\nstreamed vs in memory: {ratio:.2f}x ({rounds} interleaved rounds, {n:,} tokens)"
+    )
+
+
 def yaml_dict(text: str) -> dict:
     return yaml.safe_load(text)
 
@@ -142,9 +181,17 @@ def main() -> None:
     m.add_argument("--budgets", type=int, nargs="+", default=[51_200, 204_800, 409_600, 1_280_000])
     s = sub.add_parser("sweep")
     s.add_argument("--budget", type=int, default=102_400)
+    t = sub.add_parser("train")
+    t.add_argument("--budget", type=int, default=51_200)
+    t.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     print(machine())
-    print(memory(a.budgets) if a.what == "memory" else sweep(a.budget))
+    if a.what == "memory":
+        print(memory(a.budgets))
+    elif a.what == "train":
+        print(train_speed(a.budget, a.rounds))
+    else:
+        print(sweep(a.budget))
 
 
 if __name__ == "__main__":

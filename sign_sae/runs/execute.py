@@ -157,6 +157,8 @@ def run_plan(
                     if run.trained:
                         table.add(evaluate_run(run, held, columns))
         distributed.barrier()
+    if not distributed.is_main():  # rank 0 wrote the rows: every rank returns the table
+        table = ResultsTable(Path(cfg.out_dir))
     if failed:
         why = "; ".join(f"{r.folder.relative_to(r.out_dir)}: {e}" for r, e in failed[:3])
         more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
