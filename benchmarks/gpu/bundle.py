@@ -97,7 +97,9 @@ def token_ids(lm: object, sweeps: list[Path]) -> set[int]:
     for path in sweeps:
         data = load_sweep(path).data
         for split, n in (("train", data.train_tokens), ("validation", data.eval_tokens)):
-            ids |= set(tokenize(lm, load_texts(data.text, split), data.context_size, n).unique().tolist())
+            ids |= set(
+                tokenize(lm, load_texts(data.text, split), data.context_size, n).unique().tolist()
+            )
         test = tokenize(lm, load_texts(data.text, "test"), data.context_size, data.eval_tokens)
         ids |= set(test.unique().tolist())
     ids |= set(fingerprint.fixed_tokens(lm).unique().tolist())
@@ -112,9 +114,16 @@ def build(out: Path, cache: Path, download: bool, sweeps: list[Path]) -> dict:
     names = wheels(out / "wheels", cache, download)
     lm = load_model()
     last = mid_layer(lm)
-    meta = model.compact(_bundled_gguf(), sorted(token_ids(lm, sweeps)), last, out / "model" / "smollm2-compact.safetensors")
+    meta = model.compact(
+        _bundled_gguf(),
+        sorted(token_ids(lm, sweeps)),
+        last,
+        out / "model" / "smollm2-compact.safetensors",
+    )
     fingerprint.make(lm, out / "fingerprint.safetensors")
-    sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    sizes = {
+        str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()
+    }
     manifest = dict(
         wheels=names,
         complete=len(names) == len(WHEELS),
@@ -138,7 +147,9 @@ def main() -> None:
     m = build(args.out, args.wheel_cache, not args.no_download, args.sweep or SWEEPS)
     for name, size in m["sizes"].items():
         print(f"{size / 2**20:8.2f} MiB  {name}")
-    print(f"{m['total_bytes'] / 2**20:8.2f} MiB  in all in {args.out} (limit 64 MiB, repository included)")
+    print(
+        f"{m['total_bytes'] / 2**20:8.2f} MiB  in all in {args.out} (limit 64 MiB, repository included)"
+    )
     if m["total_bytes"] > LIMIT_BYTES:
         raise SystemExit(f"the bundle is {m['total_bytes'] / 2**20:.2f} MiB, over the 64 MiB limit")
     if not m["complete"]:

@@ -7,7 +7,8 @@
 #    the model fingerprint against the CPU harvest (prepare.json, fingerprint.json);
 # a. CUDA correctness: the pytest subset CUDA_TESTS on the device (tests.xml);
 # b. speed: benchmarks.gpu.speed, SA-GSAE vs SAELens Gated, training step and encode (speed.json);
-# c. science: the fair benchmark's GPU frontier through the public CLI, validation then test
+# c. science: the fair benchmark's GPU frontier through the public CLI (sign-sae sweep), on the
+#    validation split, then the same runs on the test split
 #    (science.tar.gz: results tables and per-sequence sums, never SAE weights).
 # Each part has its own time limit (seconds, below; 540 s in all by default) and writes to
 # OUT_DIR as it goes, so a run cut short still returns its first parts. status.tsv says how each
@@ -81,7 +82,8 @@ science() {
   local runs="$WORK/science" rc
   "$PY" -m sign_sae sweep "$SCIENCE_SWEEP" --out "$runs"
   rc=$?
-  "$PY" -m sign_sae eval "$SCIENCE_SWEEP" --out "$runs" --split test || rc=1
+  # the trained runs on the test split, with the polarity columns the fair tables read
+  "$PY" -m sign_sae sweep "$SCIENCE_SWEEP" --out "$runs" --split test || rc=1
   "$PY" -m benchmarks.gpu.pack pack "$runs" "$OUT/science.tar.gz" || rc=1
   return $rc
 }

@@ -35,8 +35,6 @@ Params = dict[str, torch.Tensor]
 SCALE = SAGSAETrainingSAEConfig.threshold_lr_scale  # the default step's threshold rate
 
 
-
-
 def init_params(d: int, width: int, device: torch.device, gated: bool) -> Params:
     """SAELens's initialisation (decoder rows of norm 0.1, W_enc = W_dec^T, zero biases);
     SA-GSAE adds thresholds at 1e-3, learnt as raw = threshold / ``SCALE``."""
@@ -201,8 +199,11 @@ def encoders(d: int, w: int, x: torch.Tensor, dtype: torch.dtype | None) -> dict
         sae.to(x.device)
 
         def run() -> None:
-            with torch.inference_mode(), torch.autocast(
-                x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                ),
             ):
                 sae.encode(x)
 
@@ -308,7 +309,11 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")  # TF32 for the fp32 runs
     dtype = torch.float32 if args.fp32 else torch.bfloat16
     print(machine(device), f"| CUDA {torch.version.cuda}" if device.type == "cuda" else "")
-    out = {"machine": machine(device), "nominal_bf16_peak_tflops": nominal_peak(device), "widths": []}
+    out = {
+        "machine": machine(device),
+        "nominal_bf16_peak_tflops": nominal_peak(device),
+        "widths": [],
+    }
     if args.check:
         check_against_saelens()
     if args.compile:
