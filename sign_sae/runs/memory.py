@@ -1,5 +1,5 @@
 """Memory planned before work starts: a group of runs that trains from one stream needs its SAEs'
-weights, gradients and Adam state, each SAE's step on a batch, and the stream's buffer. Where
+weights, gradients and Adam state, one SAE's step on a batch at a time, and the stream's buffer. Where
 that would not fit what the device has free, the group is refused in one line with the nearest
 plan that fits (fewer SAEs at once, a smaller buffer); an out-of-memory during training gives the
 same advice. The estimate is an upper bound of the largest terms, not an exact count.
@@ -20,12 +20,14 @@ _MARGIN = 1.2  # allocator slack and what the estimate leaves out
 
 
 def sae_bytes(run: Run) -> int:
-    """One SAE training at once: its state (about 2 d_in d_sae + 8 d_sae parameters) and its
-    step on one batch."""
-    params = 2 * run.d_in * run.width + 8 * run.width
-    return (
-        params * _STATE_COPIES * _FLOAT + run.train.batch_size * run.width * _STEP_COPIES * _FLOAT
-    )
+    """One SAE held while its group trains: its state (about 2 d_in d_sae + 8 d_sae
+    parameters: weights, gradients, Adam's moments)."""
+    return (2 * run.d_in * run.width + 8 * run.width) * _STATE_COPIES * _FLOAT
+
+
+def step_bytes(run: Run) -> int:
+    """One SAE's step on a batch (the SAEs of a group step one after another)."""
+    return run.train.batch_size * run.width * _STEP_COPIES * _FLOAT
 
 
 def stream_bytes(runs: Sequence[Run], data: DataConfig) -> int:
@@ -51,10 +53,17 @@ def free_bytes(device: str) -> int | None:
         return None
 
 
+def need_bytes(runs: Sequence[Run], data: DataConfig) -> float:
+    """The group's estimate: every SAE's state, the largest step, the stream; with margin."""
+    steps = max(step_bytes(r) for r in runs)
+    return _MARGIN * (sum(sae_bytes(r) for r in runs) + steps + stream_bytes(runs, data))
+
+
 def advice(runs: Sequence[Run], data: DataConfig, free: int) -> str:
     """The nearest plan that fits ``free`` bytes: fewer SAEs at once, else a smaller buffer."""
     per_sae = max(sae_bytes(r) for r in runs)
-    fits = int((free / _MARGIN - stream_bytes(runs, data)) // per_sae)
+    fixed = max(step_bytes(r) for r in runs) + stream_bytes(runs, data)
+    fits = int((free / _MARGIN - fixed) // per_sae)
     if fits >= 1:
         return f"set data.saes_at_once to {min(fits, len(runs) - 1) or 1}"
     smaller = data.buffer_tokens // 4
@@ -68,7 +77,7 @@ def check(runs: Sequence[Run], data: DataConfig, free: int | None = None) -> Non
     free = free_bytes(data.device) if free is None else free
     if free is None:
         return
-    need = _MARGIN * (sum(sae_bytes(r) for r in runs) + stream_bytes(runs, data))
+    need = need_bytes(runs, data)
     if need > free:
         raise SignSAEError(
             f"{len(runs)} SAE(s) at once need about {_gb(need)} on {data.device}, which has "
