@@ -7,16 +7,12 @@ See docs/distributed.md.
 """
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-T = TypeVar("T")
-_ALONE: ContextVar[bool] = ContextVar("alone", default=False)
 
 
 def launched() -> bool:
@@ -57,26 +53,12 @@ def session() -> Iterator[None]:
             teardown()
 
 
-@contextmanager
-def alone() -> Iterator[None]:
-    """Inside the block this process acts as rank 0 of a world of 1 (its own job, its files)."""
-    token = _ALONE.set(True)
-    try:
-        yield
-    finally:
-        _ALONE.reset(token)
-
-
-def _grouped() -> bool:
-    return dist.is_initialized() and not _ALONE.get()
-
-
 def get_rank() -> int:
-    return dist.get_rank() if _grouped() else 0
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def get_world() -> int:
-    return dist.get_world_size() if _grouped() else 1
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -139,13 +121,6 @@ def reduce_gradients(
         g.mul_(weight)
     for work in [dist.all_reduce(g, group=group, async_op=True) for g in grads]:
         work.wait()
-
-
-def shard(items: Sequence[T], rank: int | None = None, world: int | None = None) -> list[T]:
-    """A rank's share of ``items`` (default: this rank's): every world-th item from its rank."""
-    r = get_rank() if rank is None else rank
-    w = get_world() if world is None else world
-    return list(items[r::w])
 
 
 def gather_rows(rows: list[Any], key: Callable[[Any], Any] | None = None) -> list[Any]:

@@ -113,6 +113,15 @@ def _train_runs(out: Path) -> list[int]:
     return sorted(int(i) for c in stream.mine for i in stream.chunks[c])
 
 
+def _train_sharded(out: Path, shards: int) -> None:
+    """``sign-sae train`` of the tiny sweep's SA-GSAEs with their latents over ``shards`` ranks
+    (every rank streams the same rows: one data rank)."""
+    cfg = _tiny_sweep(out)
+    cfg.grid = [g for g in cfg.grid if g.arch == "sa_gsae"]
+    cfg.train.latent_shards = shards
+    train_runs(cfg, _Tiny(cfg.data), progress=False)
+
+
 def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
     """``fn(rank, world, *args)`` on ``world`` gloo processes, each joined to the group from
     the variables torchrun would export (``fn`` at module level, so that spawn finds it)."""
@@ -145,11 +154,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _train("sa_gsae", run_dir=out / "paused_by_2", stop_at=PAUSE)  # resumed by 1 process
     state, _, _ = _train("sa_gsae", run_dir=out / "paused_by_1", resume=True)
     tensors.update({f"resumed_by_2/{k}": v for k, v in state.items()})
-    mine = [(i, distributed.get_rank()) for i in distributed.shard(range(7))]
+    mine = [(i, distributed.get_rank()) for i in range(distributed.get_rank(), 7, world)]
     table = distributed.gather_rows(mine, key=lambda row: row[0])
     tensors["table"] = torch.tensor(table)
     rows = _sweep(out / "sweep_by_2")
     (out / f"sweep_rows_{rank}.json").write_text(json.dumps(rows))
+    _train_sharded(out / "sharded_by_2", shards=2)
     seen = _train_runs(out / "train_by_2")
     (out / f"sequences_{rank}.json").write_text(json.dumps(seen))
     if distributed.is_main():
@@ -173,6 +183,7 @@ def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
         _train("sa_gsae", run_dir=tmp / "paused_by_1", stop_at=PAUSE)  # resumed by 2 ranks
         _sweep(tmp / "sweep_by_1")
         _train_runs(tmp / "train_by_1")
+        _train_sharded(tmp / "sharded_by_1", shards=1)
     finally:
         torch.set_num_threads(threads)
     run_ranks(_worker, 2, str(tmp))
@@ -258,12 +269,23 @@ def test_two_ranks_train_every_run_of_a_sweep_file_from_disjoint_shares(runs):
     assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == 32
 
 
-def test_shard_and_gather_rows(runs):
+def test_sign_sae_train_with_latents_on_two_ranks_gives_the_one_process_weights(runs):
+    _, _, tmp = runs
+    one, two = trained_runs(tmp / "sharded_by_1"), trained_runs(tmp / "sharded_by_2")
+    assert list(one) == list(two) == ["sa_sp1_seed0", "sa_sp3_seed0"]
+    for name, record in one.items():
+        a = load_file(tmp / "sharded_by_1" / record["folder"] / "sae" / "sae_weights.safetensors")
+        b = load_file(
+            tmp / "sharded_by_2" / two[name]["folder"] / "sae" / "sae_weights.safetensors"
+        )
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
+
+
+def test_gather_rows(runs):
     _, ranks, _ = runs
     assert ranks["table"].tolist() == [[i, i % 2] for i in range(7)]
     # one process: identities
-    assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
-    assert distributed.shard("abcde", rank=1, world=2) == ["b", "d"]
     assert distributed.gather_rows([3, 1, 2], key=lambda r: r) == [1, 2, 3]
     assert distributed.get_world() == 1 and distributed.is_main()
 
