@@ -3,7 +3,8 @@
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,18 @@ def _train_sharded(out: Path, shards: int) -> None:
     train_runs(cfg, _Tiny(cfg.data), progress=False)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside the block, as each gloo rank (and torchrun) runs: the
+    1-process references then round the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
     """``fn(rank, world, *args)`` on ``world`` gloo processes, each joined to the group from
     the variables torchrun would export (``fn`` at module level, so that spawn finds it)."""
@@ -176,16 +189,12 @@ def _free_port() -> int:
 def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """1-process references, then the same runs on 2 gloo ranks (one spawn for all of them)."""
     tmp = tmp_path_factory.mktemp("dist")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         single = {name: _train(name) for name in RUNS}
         _train("sa_gsae", run_dir=tmp / "paused_by_1", stop_at=PAUSE)  # resumed by 2 ranks
         _sweep(tmp / "sweep_by_1")
         _train_runs(tmp / "train_by_1")
         _train_sharded(tmp / "sharded_by_1", shards=1)
-    finally:
-        torch.set_num_threads(threads)
     run_ranks(_worker, 2, str(tmp))
     return single, load_file(tmp / "ranks.safetensors"), tmp
 
@@ -207,12 +216,8 @@ def test_two_ranks_give_the_one_process_weights(name, runs):
 def test_checkpoints_resume_with_another_number_of_ranks(runs):
     single, ranks, tmp = runs
     straight = single["sa_gsae"][0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         resumed, _, _ = _train("sa_gsae", run_dir=tmp / "paused_by_2", resume=True)
-    finally:
-        torch.set_num_threads(threads)
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, atol=1e-5, rtol=1e-5, msg=key)
         torch.testing.assert_close(ranks[f"resumed_by_2/{key}"], value, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ import torch
 import yaml
 from sae_lens import SAE, HookedSAETransformer
 from sae_lens.saes.gated_sae import GatedSAE
+from test_distributed import one_thread
 from transformer_lens import HookedTransformerConfig
 
 from sign_sae import SAGSAE, cli, runs
@@ -28,12 +29,10 @@ CONTEXT = 16
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def single_thread():
     """Tiny matrices: threads only add synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

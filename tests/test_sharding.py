@@ -8,7 +8,7 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepInput
 from safetensors.torch import load_file, save_file
-from test_distributed import run_ranks
+from test_distributed import one_thread, run_ranks
 
 from sign_sae import distributed
 from sign_sae.architectures import make_training_sae
@@ -125,16 +125,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 def runs(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """1-process references, then the same runs on 4 gloo ranks, sharded 2 x 2 and 1 x 4."""
     tmp = tmp_path_factory.mktemp("shard")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         single = {case: (*_train(case, 1), _step(case, 1)) for case in CASES}
         _train("tied", 1, run_dir=tmp / "paused_by_1", stop_at=PAUSE)  # resumed by 4 ranks
         sae = _sae("tied")
         train(sae, TensorBatches(_data(), 256, seed=1), _cfg("tied", 1), progress=False)
         save_sae(sae, tmp / "sae_by_1")
-    finally:
-        torch.set_num_threads(threads)
     run_ranks(_worker, WORLD, str(tmp))
     return single, load_file(tmp / "ranks.safetensors"), tmp
 
@@ -177,12 +173,8 @@ def test_threshold_resets_and_clipping_happen(runs):
 def test_checkpoints_reshard_onto_another_number_of_ranks(runs):
     single, ranks, tmp = runs
     straight = single["tied"][0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         resumed, _ = _train("tied", 1, run_dir=tmp / "paused_by_2", resume=True)
-    finally:
-        torch.set_num_threads(threads)
     for key, value in straight.items():
         _close(resumed[key], value, f"2 shards -> 1 process: {key}")
         _close(ranks[f"resumed_by_4/{key}"], value, f"1 process -> 4 shards: {key}")

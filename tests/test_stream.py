@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import one_thread
 
 from sign_sae import runs
 from sign_sae.architectures import make_training_sae
@@ -198,13 +199,9 @@ def test_a_streamed_sweep_killed_again_and_again_resumes_bit_identically(tmp_pat
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"  # uninterrupted, in this process on one thread as well
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         cfg = runs.load_sweep(command(straight)[-1])
         runs.train_runs(cfg, runs.Inputs(cfg.data, {"smollm2-135m": model}), progress=False)
-    finally:
-        torch.set_num_threads(threads)
     killed = tmp_path / "killed"
     # one kill after a checkpoint in the first epoch, while the cache is still being written
     # (steps 4-12 of 15); the longer soak kills first at the first cache shard, then at random
