@@ -747,10 +747,11 @@ def test_cli_eval_loads_through_the_checked_loader(tmp_path, tiny_model, capsys,
     )
 
 
-def test_cli_one_line_for_a_full_disk(tmp_path, capsys, monkeypatch):
+def test_cli_one_line_for_a_full_disk(tmp_path, tiny_model, capsys, monkeypatch):
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
+    monkeypatch.setattr(runs.execute, "load_model", lambda name, device: tiny_model)
     monkeypatch.setattr(runs.execute, "atomic_write_text", full)
     err = cli_error(["train", str(sweep_yaml(tmp_path / "s.yaml")), "--out", str(tmp_path)], capsys)
     assert f"no space left on the device writing {tmp_path / 'sweep.yaml'}" in err

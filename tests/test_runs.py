@@ -594,3 +594,24 @@ def test_an_out_of_memory_during_training_is_one_line_of_advice(tmp_path, tiny, 
         SignSAEError, match=r"Out of memory .* 8 SAE\(s\) at once: set data.saes_at_once to 4"
     ):
         sweep(tiny_sweep(tmp_path), tiny)
+
+
+def test_a_folder_records_every_grid_it_ran_and_a_bad_file_changes_nothing(tmp_path, tiny):
+    out = tmp_path / "shared"
+    first = tiny_sweep(out, grid=[{"label": "g", "arch": "gated", "sparsity": [1.0]}])
+    second = tiny_sweep(out, grid=[{"label": "s", "arch": "sa_gsae", "sparsity": [1.0]}])
+    for cfg in (first, second):
+        sweep(cfg, tiny)
+    recorded = runs.load_sweep(out)
+    assert [g.label for g in recorded.grid] == ["g", "s"]
+    before = (out / runs.SWEEP_FILE).read_text()
+    # the folder's own config evaluates every run of both grids on another split
+    recorded.data.eval_split = "test"
+    rows = runs.evaluate_runs(recorded, inputs=TinySource(recorded.data, tiny))
+    assert sorted(r["label"] for r in rows if r["split"] == "test") == ["g", "g", "s", "s"]
+    # a hook the model lacks is refused before the folder's sweep.yaml is touched
+    bad = tiny_sweep(out, grid=second.to_dict()["grid"])
+    bad.data.hooks = ["blocks.7.hook_mlp_out"]
+    with pytest.raises(SignSAEError, match="blocks.7.hook_mlp_out"):
+        sweep(bad, tiny)
+    assert (out / runs.SWEEP_FILE).read_text() == before

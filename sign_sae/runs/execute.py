@@ -44,7 +44,7 @@ from sign_sae.evaluate import HeldOut
 from sign_sae.harvest import DTYPES, ActivationCache, fingerprint, harvest
 from sign_sae.metrics import SequenceStats
 from sign_sae.models import load_model
-from sign_sae.runs.config import SWEEP_FILE, DataConfig, SweepConfig
+from sign_sae.runs.config import SWEEP_FILE, DataConfig, SweepConfig, load_sweep
 from sign_sae.runs.memory import check as check_memory
 from sign_sae.runs.memory import out_of_memory
 from sign_sae.runs.spec import (
@@ -127,13 +127,18 @@ def run_plan(
     """The one loop: per model, train the pending runs group by group from one stream each
     (``train``), and evaluate each trained run without a row (``evaluate``). Raises a
     ``SignSAEError`` naming the runs whose training failed once all others are done."""
-    check_device(cfg.data.device)  # before anything is written
+    check_device(cfg.data.device)
     inputs = inputs or Inputs(cfg.data)
-    table = _start(cfg) if train else ResultsTable(Path(cfg.out_dir))
-    every, failed = [], []
+    # every model's runs resolved (hooks checked against the model) before anything is written
+    plans = []
     for spec in cfg.data.models:
         model = inputs.model(spec.name)
-        runs = resolve(cfg, spec, model)
+        plans.append((spec, resolve(cfg, spec, model)))
+    table = _start(cfg) if train else ResultsTable(Path(cfg.out_dir))
+    every, failed = [], []
+    for spec, runs in plans:
+        if len(plans) > 1:
+            model = inputs.model(spec.name)  # with one model, the one loaded above
         every += runs
         pending = [r for r in runs if not (table.has(r) if evaluate else r.trained)]
         if not train:
@@ -295,12 +300,23 @@ def evaluate_run(run: Run, held: HeldOut, columns: Columns | None = None) -> Row
 
 
 def _start(cfg: SweepConfig) -> ResultsTable:
-    """Remove temporary files that killed processes left, write the config into the run folder
-    (rank 0) and open its results table."""
+    """Remove temporary files that killed processes left, record the config in the run folder
+    (rank 0) and open its results table.
+
+    ``sweep.yaml`` keeps every grid the folder has run: the entries of an earlier sweep whose
+    labels this one does not use stay beside this one's, so ``eval``, ``report`` and ``frontier``
+    of the folder see every run (the data and train settings are this sweep's)."""
     out = Path(cfg.out_dir)
     if distributed.is_main():
         remove_stale(out)
-        atomic_write_text(out / SWEEP_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with locked(out / ".sweep.lock"):
+            record = cfg.to_dict()
+            if (out / SWEEP_FILE).is_file():
+                ours = {g.label for g in cfg.grid}
+                kept = [g for g in load_sweep(out).to_dict()["grid"] if g["label"] not in ours]
+                record["grid"] = kept + record["grid"]
+                SweepConfig(**record)  # the union is a valid sweep (no run given twice)
+            atomic_write_text(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
     return ResultsTable(out)
 
 
