@@ -1,7 +1,9 @@
 """The streamed run system at scale, on the default model (SmolLM2 layer-15 MLP-out, H = 2 d):
 
 - ``memory``: peak RSS of ``python -m sign_sae train`` (one subprocess per budget, ``wait4``)
-  against the training-token budget, for one SAE and for a 10-SAE sweep, every token seen once;
+  against the training-token budget, for one SAE and for a 10-SAE sweep; a budget within the
+  text's train split sees every token once, a larger one takes epochs over a cache written on
+  the first pass;
 - ``train``: one SA-GSAE trained on the same tokens the old way (harvest to disk, load the split
   into memory, ``TensorBatches``) and streamed (``ActivationStream`` on the fly), interleaved
   rounds in one process: tokens/s end to end, forward included;
@@ -9,7 +11,7 @@
   stream, from one stream per SAE (10 sequential runs, each paying the forward) and with SAELens's
   ``MultiSAETrainingRunner`` on the same token rows, side by side in one process.
 
-    python -m benchmarks.stream memory --budgets 51200 204800 409600 1280000
+    python -m benchmarks.stream memory --budgets 51200 204800 409600 1280000 5120000
     python -m benchmarks.stream train --budget 51200 --rounds 3
     python -m benchmarks.stream sweep --budget 102400
 """
@@ -39,14 +41,23 @@ from sign_sae.trainer import TensorBatches, TrainConfig, train
 
 BATCH = 1024
 SPARSITIES = [1.0, 2.0, 4.0, 8.0, 16.0]
+TEXT_TOKENS = (
+    1_280_000  # one pass over the Shakespeare train split (1.28M tokens) in 128-token rows
+)
 
 
-def run_file(out: Path, tokens: int, grid: str, saes_at_once: int = 0) -> str:
+def run_file(
+    out: Path, tokens: int, grid: str, saes_at_once: int = 0, forward: str = "bfloat16"
+) -> str:
+    """A one-hook run file that trains on ``tokens`` tokens (BOS left out), in epochs over a
+    cache where they are more than the text has."""
     steps = max(1, tokens * 127 // 128 // BATCH)
+    epochs = -(-tokens // TEXT_TOKENS)
     return f"""
 out_dir: {out}
-data: {{models: [smollm2-135m], hooks: [mlp_out], train_tokens: {tokens}, eval_tokens: 256,
-        ce_tokens: 256, forward_dtype: bfloat16, saes_at_once: {saes_at_once}}}
+data: {{models: [smollm2-135m], hooks: [mlp_out], train_tokens: {min(tokens, TEXT_TOKENS)},
+        eval_tokens: 256, ce_tokens: 256, forward_dtype: {forward}, saes_at_once: {saes_at_once},
+        epochs: {epochs}, cache: {str(epochs > 1).lower()}}}
 h_expansion: 2.0
 train: {{total_steps: {steps}, batch_size: {BATCH}, log_every: 100}}
 grid: {grid}
@@ -74,12 +85,15 @@ def measure(text: str, folder: Path) -> tuple[float, float]:
     return usage.ru_maxrss / 2**20, time.perf_counter() - start
 
 
-def memory(budgets: list[int]) -> str:
+def memory(budgets: list[int], saes: list[int], forward: str) -> str:
     rows = []
     for tokens in budgets:
         for name, grid in (("1 SAE", ONE), ("10 SAEs", TEN)):
+            if int(name.split()[0]) not in saes:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
-                gb, wall = measure(run_file(Path(tmp) / "out", tokens, grid), Path(tmp))
+                text = run_file(Path(tmp) / "out", tokens, grid, forward=forward)
+                gb, wall = measure(text, Path(tmp))
             rows.append([f"{tokens:,}", name, f"{gb:.2f}", f"{wall:.0f}"])
             print(rows[-1], flush=True)
     return markdown_table(["train tokens", "SAEs", "peak RSS (GB)", "wall (s)"], rows)
@@ -178,7 +192,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("memory")
-    m.add_argument("--budgets", type=int, nargs="+", default=[51_200, 204_800, 409_600, 1_280_000])
+    m.add_argument(
+        "--budgets", type=int, nargs="+", default=[51_200, 204_800, 409_600, 1_280_000, 5_120_000]
+    )
+    m.add_argument("--saes", type=int, nargs="+", choices=[1, 10], default=[1, 10])
+    # bf16 autocast is fast on CPUs with AVX-512 bf16 and slow where it is emulated (AVX2)
+    m.add_argument("--forward-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s = sub.add_parser("sweep")
     s.add_argument("--budget", type=int, default=102_400)
     t = sub.add_parser("train")
@@ -187,7 +206,7 @@ def main() -> None:
     a = p.parse_args()
     print(machine())
     if a.what == "memory":
-        print(memory(a.budgets))
+        print(memory(a.budgets, a.saes, a.forward_dtype))
     elif a.what == "train":
         print(train_speed(a.budget, a.rounds))
     else:

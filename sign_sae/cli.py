@@ -109,9 +109,9 @@ def cmd_frontier(args: argparse.Namespace) -> None:
 
     from analyses import frontier, tables  # the CLI is the one place that joins the two packages
     from analyses.frontier_plots import write_plots
-    from sign_sae.storage import atomic_write_text, read_table
+    from sign_sae.storage import atomic_write_text
 
-    rows = read_table(args.results)
+    rows = runs.read_results(args.results)
     result = frontier.analyse(rows, reference=args.reference, dead_floor=args.dead_floor)
     out = Path(args.out) if args.out else Path(args.results).parent
     text = tables.format_markdown(result)

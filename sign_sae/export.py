@@ -43,6 +43,7 @@ from sign_sae.runs import (
     SWEEP_FILE,
     TRAIN_FILE,
     activations_dir,
+    read_results,
     trained_runs,
 )
 from sign_sae.storage import (
@@ -50,7 +51,6 @@ from sign_sae.storage import (
     check_inside,
     load_sae,
     read_cfg,
-    read_table,
     write_folder,
 )
 
@@ -397,7 +397,7 @@ def _sources(source: Path) -> list[tuple[str, Path, dict[str, Any]]]:
             f"({SWEEP_FILE} from sign-sae train)."
         )
     results = source / RESULTS_JSON
-    rows = {r["config_hash"]: r for r in read_table(results)} if results.is_file() else {}
+    rows = {r["config_hash"]: r for r in read_results(results)} if results.is_file() else {}
     items = [
         (name, source / record["folder"] / "sae", rows.get(record["config_hash"], {}))
         for name, record in trained_runs(source).items()

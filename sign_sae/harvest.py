@@ -41,8 +41,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # A cached folder is reused only when these metadata entries equal the request.
 MATCH_KEYS = ("model_name", "hook", "tokens_sha256", "dtype", "exclude_bos", "forward_dtype")
 # A bfloat16 forward (autocast) gives activations within this relative error of float32
-# (Frobenius norm over a batch; 0.02 measured on SmolLM2-135M, tests/test_harvest.py).
-BF16_FORWARD_RTOL = 0.03
+# (Frobenius norm over a batch). Measured on SmolLM2-135M over 512 held-out tokens: under 0.03 at
+# every tested hook on a CPU with AVX-512 bf16 units; on an AVX2 CPU (bf16 emulated) 0.004-0.020
+# except layer 15 resid-mid at 0.067 (0.029 over 4,096 tokens): tests/test_harvest.py.
+BF16_FORWARD_RTOL = 0.08
 
 _TENSOR_KEY = "acts"
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

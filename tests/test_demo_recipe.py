@@ -7,6 +7,12 @@ decay, sparsity warm-up over a tenth of the steps, seed 0), on the first 8192 tr
 the real MLP-out activations. Each parameter's sum, absolute sum and first values must match:
 a change to the architecture, the fused step, the trainer or the schedules that moves a
 weight fails here.
+
+The record was made on a CPU with AVX-512 (``cpu_capability``); another vector unit rounds sums
+in another order, and 40 Adam steps carry that apart. On an AVX2 CPU (2026-12-07) the absolute
+sums stayed within 8.3e-5 relative and the signed sums within 8.3e-5 x the absolute sum, while
+single entries moved up to 15%; there the check is on the sums, at 3e-4 (a changed learning
+rate, schedule or loss moves them far more).
 """
 
 import json
@@ -31,7 +37,9 @@ def test_demo_recipe_trains_to_the_recorded_weights(arch, width, coefficient, ml
     torch.manual_seed(0)
     sae = make_training_sae(arch, acts.shape[1], width, coefficient, warm_up_steps=4)
     train(sae, TensorBatches(acts, RECIPE.batch_size, seed=0), RECIPE, progress=False)
-    recorded = json.loads(FINGERPRINT.read_text())[arch]
+    record = json.loads(FINGERPRINT.read_text())
+    same_cpu = torch.backends.cpu.get_cpu_capability() == record["cpu_capability"]
+    recorded = record[arch]
     # SA-GSAE's thresholds themselves, not the raw parameters they are learned as
     params = {n: p for n, p in sae.named_parameters() if not n.startswith("raw_")}
     params.update({t: getattr(sae, t) for t in getattr(sae, "threshold_names", tuple)()})
@@ -40,7 +48,9 @@ def test_demo_recipe_trains_to_the_recorded_weights(arch, width, coefficient, ml
         p = p.detach().double()
         want = recorded[name]
         # rounding in a signed sum grows with the absolute sum
-        tol = max(1e-6, 1e-9 * want["abs_sum"])
-        assert p.sum().item() == pytest.approx(want["sum"], rel=1e-6, abs=tol), name
-        assert p.abs().sum().item() == pytest.approx(want["abs_sum"], rel=1e-6), name
-        assert p.flatten()[:4].tolist() == pytest.approx(want["head"], rel=1e-5, abs=1e-7), name
+        rel = 1e-6 if same_cpu else 3e-4
+        tol = max(1e-6, 1e-9 * want["abs_sum"]) if same_cpu else rel * want["abs_sum"]
+        assert p.sum().item() == pytest.approx(want["sum"], rel=rel, abs=tol), name
+        assert p.abs().sum().item() == pytest.approx(want["abs_sum"], rel=rel), name
+        if same_cpu:
+            assert p.flatten()[:4].tolist() == pytest.approx(want["head"], rel=1e-5, abs=1e-7), name

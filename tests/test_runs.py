@@ -320,7 +320,7 @@ def test_results_table_has_every_column_in_json_and_csv(tmp_path, tiny):
     assert len(from_json) == len(from_csv) == len(runs.plan(cfg))
     row = from_csv[0]
     for col in runs.COLUMNS + ["n_eval_rows", "folder"]:
-        assert col in row, col
+        assert (col in row) == (col != "failed"), col  # only failed runs' rows say why
     assert row["nan_column"] is None and from_json[0]["nan_column"] is None
     assert row["config_hash"] == from_json[0]["config_hash"]
     assert row["r2"] == pytest.approx(from_json[0]["r2"])
@@ -615,3 +615,36 @@ def test_a_folder_records_every_grid_it_ran_and_a_bad_file_changes_nothing(tmp_p
     with pytest.raises(SignSAEError, match="blocks.7.hook_mlp_out"):
         sweep(bad, tiny)
     assert (out / runs.SWEEP_FILE).read_text() == before
+
+
+def test_a_diverging_run_fails_alone_with_a_row_that_says_why_and_a_rerun_retries_it(
+    tmp_path, tiny, monkeypatch
+):
+    cfg = tiny_sweep(tmp_path, grid=[
+        {"label": "ok", "arch": "sa_gsae", "sparsity": [1.0]},
+        {"label": "bad", "arch": "sa_gsae", "sparsity": [1.0], "train": {"lr": 1.0e30}},
+    ])  # fmt: skip
+    cfg.data.hooks = ["mlp_out"]
+    with pytest.raises(SignSAEError, match=r"1 run\(s\) failed, the others finished.*bad_sp1"):
+        sweep(cfg, tiny)
+    table = runs.ResultsTable(tmp_path)
+    assert [r["label"] for r in table.rows] == ["ok"]  # readers see only evaluated rows
+    [row] = table.failed
+    why = json.loads(
+        next(tmp_path.glob(f"runs/*/*/bad_sp1_seed0_*/{runs.FAILED_FILE}")).read_text()
+    )
+    assert row["label"] == "bad" and "the loss is" in row["failed"] and row["steps"] == why["step"]
+    assert "r2" not in row and [
+        r["label"] for r in runs.read_results(tmp_path / "results.csv")
+    ] == ["ok"]
+    calls = count_training(monkeypatch)
+    with pytest.raises(SignSAEError, match="1 run"):
+        sweep(cfg, tiny)
+    assert [c.rsplit("_", 1)[0] for c in calls] == [
+        "bad_sp1_seed0"
+    ]  # the rerun retried only the failed run
+    assert len(runs.ResultsTable(tmp_path).failed) == 1  # still one row for it
+    # an evaluated row of the run takes the failed row's place
+    runs.ResultsTable(tmp_path).add({**row, "failed": None, "r2": 0.5})
+    assert sorted(r["label"] for r in runs.ResultsTable(tmp_path).rows) == ["bad", "ok"]
+    assert runs.ResultsTable(tmp_path).failed == []

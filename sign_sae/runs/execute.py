@@ -156,7 +156,11 @@ def run_plan(
             *groups(untrained, cfg.data.saes_at_once),
         ]:
             if group and any(not r.trained for r in group):
-                failed += train_group(cfg, inputs, model, group, progress)
+                lost = train_group(cfg, inputs, model, group, progress)
+                if distributed.is_main():
+                    for run, why in lost:
+                        table.fail(run, why)
+                failed += lost
             if held is not None and distributed.is_main():
                 for run in group:
                     if run.trained:
@@ -165,11 +169,11 @@ def run_plan(
     if not distributed.is_main():  # rank 0 wrote the rows: every rank returns the table
         table = ResultsTable(Path(cfg.out_dir))
     if failed:
-        why = "; ".join(f"{r.folder.relative_to(r.out_dir)}: {e}" for r, e in failed[:3])
+        why = "; ".join(f"{r.folder.relative_to(r.out_dir)}: {e['error']}" for r, e in failed[:3])
         more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
         raise SignSAEError(
             f"{len(failed)} run(s) failed, the others finished; rerun to retry only these, each "
-            f"folder's {FAILED_FILE} says why and at which step. {why}{more}"
+            f"folder's {FAILED_FILE} and results row say why and at which step. {why}{more}"
         )
     return every, table
 
@@ -187,10 +191,10 @@ def groups(runs: list[Run], at_once: int) -> list[list[Run]]:
 
 def train_group(
     cfg: SweepConfig, inputs: Inputs, model: Any, group: list[Run], progress: bool = True
-) -> list[tuple[Run, Exception]]:
+) -> list[tuple[Run, dict[str, Any]]]:
     """Train (or resume, or reuse) every run of ``group`` from one stream into its folder:
     ``sae/`` and ``train.json`` (``checkpoint/`` while training). Returns the runs whose
-    training failed, each with its ``failed.json``. The runs' lock files keep a second process
+    training failed, each with what its ``failed.json`` says (step, error). The runs' lock files keep a second process
     off their folders: it waits, then finds them trained."""
     data, name = cfg.data, group[0].point.model.name
     with contextlib.ExitStack() as held:
@@ -219,9 +223,9 @@ def train_group(
             raise out_of_memory(todo, data) from e
         for run, trainer, result in zip(todo, trainers, results, strict=True):
             if isinstance(result, Exception):
-                failed.append((run, result))
+                why = {"step": trainer.step, "error": str(result)}
+                failed.append((run, why))
                 if distributed.is_main():
-                    why = {"step": trainer.step, "error": str(result)}
                     atomic_write_text(run.folder / FAILED_FILE, json.dumps(why, indent=1))
                 continue
             if distributed.is_main():

@@ -3,6 +3,11 @@ atomically as JSON and CSV; the names runs are shown by; the trained runs of a f
 
     OUT/results.json, OUT/results.csv             one row per evaluated run, rewritten atomically
 
+A run whose training failed has a row too, with its identity, ``failed`` (the reason) and
+``steps`` (where it stopped) and no metrics, until a rerun trains it and its evaluated row
+replaces it. Readers of the table (``ResultsTable.rows``, ``read_results``) see the evaluated
+rows; ``ResultsTable.failed`` the others.
+
 Processes that share OUT take turns under the table's lock file, and each ``add`` merges its row
 into the rows on disk, so no row is lost.
 """
@@ -30,7 +35,7 @@ COLUMNS = [
     "width_factor", "d_in", "d_sae", "sparsity", "seed", "options", "train", "n_params",
     "n_params_train", "r2", "mse", "l0", "dead_fraction", "bipolar_fraction", "ce_clean",
     "ce_with_sae", "ce_zero_ablation", "ce_loss_recovered", "kl_with_sae", "n_tokens",
-    "ce_tokens", "steps", "train_s", "eval_s", "wall_s",
+    "ce_tokens", "steps", "train_s", "eval_s", "wall_s", "failed",
 ]  # fmt: skip
 # The columns of the printed summary (and of a run report's table), with their formats.
 SUMMARY = [
@@ -113,28 +118,44 @@ class ResultsTable:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.rows: list[Row] = self._read()
+        self._all: list[Row] = self._read()
+
+    @property
+    def rows(self) -> list[Row]:
+        """The evaluated rows."""
+        return [r for r in self._all if not r.get("failed")]
+
+    @property
+    def failed(self) -> list[Row]:
+        """The rows of runs whose training failed (``failed``: why; ``steps``: where)."""
+        return [r for r in self._all if r.get("failed")]
 
     def _read(self) -> list[Row]:
         path = self.folder / RESULTS_JSON
         return read_table(path) if path.is_file() else []
 
     def has(self, run: Run) -> bool:
-        """Whether ``run`` has a row for its ``data.eval_split``."""
+        """Whether ``run`` has an evaluated row for its ``data.eval_split``."""
         return (run.config_hash, run.data.eval_split) in {_key(r) for r in self.rows}
 
+    def fail(self, run: Run, why: dict[str, Any]) -> None:
+        """Record that ``run``'s training failed: ``why`` holds the step and the error."""
+        self.add({**run.record(), "split": run.data.eval_split, "steps": why["step"],
+                  "failed": why["error"]})  # fmt: skip
+
     def add(self, row: Row) -> None:
+        """Put ``row`` in the table, in place of the run's earlier row for that split."""
         if not distributed.is_main():
-            self.rows = [r for r in self.rows if _key(r) != _key(row)] + [row]
+            self._all = [r for r in self._all if _key(r) != _key(row)] + [row]
             return
         with locked(self.folder / ".results.lock"):
-            ours = {_key(r): r for r in self.rows}  # as computed (NaN, not null)
+            ours = {_key(r): r for r in self._all}  # as computed (NaN, not null)
             disk = [r for r in self._read() if _key(r) != _key(row)]
-            self.rows = [ours.get(_key(r), r) for r in disk] + [row]
+            self._all = [ours.get(_key(r), r) for r in disk] + [row]
             atomic_write_text(
-                self.folder / RESULTS_JSON, json.dumps(_json_safe(self.rows), indent=1)
+                self.folder / RESULTS_JSON, json.dumps(_json_safe(self._all), indent=1)
             )
-            atomic_write_text(self.folder / RESULTS_CSV, to_csv(self.rows))
+            atomic_write_text(self.folder / RESULTS_CSV, to_csv(self._all))
 
 
 def to_csv(rows: list[Row]) -> str:
@@ -150,10 +171,10 @@ def to_csv(rows: list[Row]) -> str:
 
 
 def read_results(path: str | Path) -> list[Row]:
-    """Rows of a results table (``results.json`` or ``results.csv``; numbers parsed, empty
-    cells None), checked: a damaged table is a one-line error naming the command that
-    rewrites it."""
-    return read_table(Path(path))
+    """The evaluated rows of a results table (``results.json`` or ``results.csv``; numbers
+    parsed, empty cells None), checked: a damaged table is a one-line error naming the command
+    that rewrites it. Rows of failed runs are left out."""
+    return [r for r in read_table(Path(path)) if not r.get("failed")]
 
 
 def format_table(rows: list[Row]) -> str:
